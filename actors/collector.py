@@ -1,0 +1,279 @@
+"""Trial collection: K NeuroGym envs stepped in lockstep with one batched numpy Q-network call.
+
+NeuroGym envs never terminate; the stream of trials is ours to cut into episodes.  The
+alignment rules (measured, see ``shared/neurogym-notes.md``):
+
+* ``env.unwrapped.gt_now`` read *before* ``step(a_t)`` is the answer ``a_t`` is scored against.
+* ``info["new_trial"]`` is True on the step whose action ended the trial: that step's reward
+  belongs to the finished trial; the observation it returns already belongs to the next one.
+* ``reset()`` plays a hidden first step with a sampled action, spoiling the first trial.  We
+  reset each env once, at construction, and discard its first trial; later episodes need no
+  reset (the env's trial stream simply continues).
+
+Episodes: ``trials_per_episode`` consecutive trials of one env.  The recurrent state (M for
+the MPN) persists across the trials of an episode and is zeroed only between episodes.
+Each stored trial carries the state the actor held before its first step, so replay can start
+from exactly the state the actor acted from.
+
+This is a plain class (no Ray): the single-process runtime, the Ray actor and the tests all
+use it as is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.networks import NetSpec, NumpyPolicy
+from common.tasks import make_env
+from common.trial import Trial
+
+
+@dataclass
+class EpisodeStats:
+    episode_id: int
+    env_id: int
+    trials: int
+    steps: int
+    reward: float
+    correct: int
+    fix_breaks: int
+
+
+class _TrialRecorder:
+    """Per-env growable step arrays for the trial in progress (no per-step Python objects)."""
+
+    def __init__(self, obs_dim: int, cap: int = 64):
+        self.obs = np.zeros((cap, obs_dim), np.float32)
+        self.actions = np.zeros(cap, np.int64)
+        self.rewards = np.zeros(cap, np.float32)
+        self.gt = np.zeros(cap, np.int64)
+        self.n = 0
+
+    def append(self, obs, action, reward, gt) -> None:
+        if self.n == self.actions.shape[0]:
+            new = 2 * self.n
+            self.obs = np.resize(self.obs, (new, self.obs.shape[1]))
+            self.actions = np.resize(self.actions, new)
+            self.rewards = np.resize(self.rewards, new)
+            self.gt = np.resize(self.gt, new)
+        i = self.n
+        self.obs[i] = obs
+        self.actions[i] = action
+        self.rewards[i] = reward
+        self.gt[i] = gt
+        self.n = i + 1
+
+
+class TrialCollector:
+    """Steps ``num_envs`` envs with one policy; returns completed trials and episode stats.
+
+    Args:
+        env_name, dt: the NeuroGym task.
+        spec, params: the network (see :mod:`common.networks`) and its weights.
+        num_envs: envs stepped in lockstep.
+        trials_per_episode: trials per episode (state reset between episodes).
+        seed: base seed; env k is seeded ``derive_seed(seed, actor_id, k)``.
+        actor_id: stored in every trial (and part of the seeds).
+        burn_in_steps: record this many steps of the preceding trial for burn-in replay.
+    """
+
+    def __init__(self, env_name: str, dt: int, spec: NetSpec, params: dict, *, num_envs: int = 8,
+                 trials_per_episode: int = 10, seed: int = 0, actor_id: int = 0,
+                 burn_in_steps: int = 0, weights_version: int = 0):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if trials_per_episode < 1:
+            raise ValueError(f"trials_per_episode must be >= 1, got {trials_per_episode}")
+        self.spec = spec
+        self.policy = NumpyPolicy(spec, params)
+        self.weights_version = weights_version
+        self.K = num_envs
+        self.trials_per_episode = trials_per_episode
+        self.actor_id = actor_id
+        self.burn_in = burn_in_steps
+        self.rng = np.random.default_rng([seed, actor_id, 7])
+        self.epsilon = 1.0
+        env_seeds = [derive_seed(seed, actor_id, k) for k in range(num_envs)]
+        self.envs = [make_env(env_name, dt, seed=s) for s in env_seeds]
+        self.units = [e.unwrapped for e in self.envs]
+        u0 = self.units[0]
+        self.correct_reward = float(u0.rewards.get("correct", 1.0)) if hasattr(u0, "rewards") else 1.0
+        abort = u0.rewards.get("abort") if hasattr(u0, "rewards") else None
+        self.abort_reward = float(abort) if abort is not None and abort < 0 else None
+        O = spec.obs_dim
+        self.obs = np.zeros((num_envs, O), np.float32)
+        for k, env in enumerate(self.envs):
+            o, _ = env.reset(seed=env_seeds[k])
+            self.obs[k] = o
+        self.state = np.zeros((num_envs, spec.state_size), np.float32)
+        # env.unwrapped.trial already describes the *next* trial once new_trial is seen, so the
+        # ground truth of the trial in progress is captured when that trial starts.
+        self.cur_gt = np.array([_ground_truth(u) for u in self.units], np.int64)
+        self.rec = [_TrialRecorder(O) for _ in range(num_envs)]
+        self.trial_start_state = np.zeros_like(self.state)
+        self.discarding = np.ones(num_envs, bool)        # first trial after reset is spoiled
+        self.trial_in_episode = np.zeros(num_envs, np.int64)
+        self.episode_counter = 0
+        self.episode_id = np.zeros(num_envs, np.int64)
+        self.ep_reward = np.zeros(num_envs)
+        self.ep_steps = np.zeros(num_envs, np.int64)
+        self.ep_correct = np.zeros(num_envs, np.int64)
+        self.ep_fix = np.zeros(num_envs, np.int64)
+        # Burn-in: ring of the last N observations and of the states before each of them.
+        if self.burn_in > 0:
+            self.ring_obs = np.zeros((num_envs, self.burn_in, O), np.float32)
+            self.ring_state = np.zeros((num_envs, self.burn_in, spec.state_size), np.float32)
+            self.ring_n = np.zeros(num_envs, np.int64)     # valid entries (reset per episode)
+            self.ring_pos = np.zeros(num_envs, np.int64)
+            self.prev_burnin = [None] * num_envs           # (obs [N,O], state [S]) for the next trial
+        self.env_steps = 0
+
+    # -- weights ---------------------------------------------------------------------------
+    def set_params(self, params: dict, version: int) -> None:
+        self.policy.load(params)
+        self.weights_version = int(version)
+
+    # -- stepping --------------------------------------------------------------------------
+    def _act(self, q: np.ndarray) -> np.ndarray:
+        greedy = q.argmax(axis=1)
+        if self.epsilon <= 0:
+            return greedy
+        explore = self.rng.random(self.K) < self.epsilon
+        if explore.any():
+            greedy[explore] = self.rng.integers(0, q.shape[1], size=int(explore.sum()))
+        return greedy
+
+    def step(self) -> tuple[list[Trial], list[EpisodeStats]]:
+        """Advance every env by one step; return trials and episodes that completed."""
+        trials: list[Trial] = []
+        episodes: list[EpisodeStats] = []
+        if self.burn_in > 0:
+            self._ring_push()
+        q = self.policy.step(self.obs, self.state)        # state now holds M after this step
+        actions = self._act(q)
+        for k in range(self.K):
+            u = self.units[k]
+            gt = int(u.gt_now)
+            a = int(actions[k])
+            self.rec[k].append(self.obs[k], a, 0.0, gt)
+            o, r, _term, _trunc, info = self.envs[k].step(a)
+            r = float(r)
+            self.rec[k].rewards[self.rec[k].n - 1] = r
+            self.obs[k] = o
+            if info.get("new_trial", False):
+                t = self._finish_trial(k, u, r)
+                if t is not None:
+                    trials.append(t)
+                    ep = self._maybe_end_episode(k)
+                    if ep is not None:
+                        episodes.append(ep)
+        self.env_steps += self.K
+        return trials, episodes
+
+    def _ring_push(self) -> None:
+        """Record (state before this step, obs of this step) for burn-in of the next trial."""
+        pos = self.ring_pos
+        idx = np.arange(self.K)
+        self.ring_obs[idx, pos] = self.obs
+        self.ring_state[idx, pos] = self.state
+        self.ring_pos = (pos + 1) % self.burn_in
+        self.ring_n = np.minimum(self.ring_n + 1, self.burn_in)
+
+    def _ring_snapshot(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self.ring_n[k])
+        N = self.burn_in
+        order = (self.ring_pos[k] - n + np.arange(n)) % N          # oldest first
+        return self.ring_obs[k, order].copy(), self.ring_state[k, order[0]].copy() if n else \
+            np.zeros(0, np.float32)
+
+    def _finish_trial(self, k: int, u, final_reward: float) -> Trial | None:
+        rec = self.rec[k]
+        T = rec.n
+        rec.n = 0
+        start_state = self.trial_start_state[k].copy()
+        ground_truth = int(self.cur_gt[k])
+        self.cur_gt[k] = _ground_truth(u)                          # the trial that starts now
+        self.trial_start_state[k] = self.state[k]                   # next trial starts from here
+        if self.discarding[k]:
+            # The spoiled first trial after reset(): drop it and start the first episode fresh.
+            self.discarding[k] = False
+            self._start_episode(k)
+            return None
+        correct = final_reward >= self.correct_reward - 1e-6
+        fix = int((rec.rewards[:T] == self.abort_reward).sum()) if self.abort_reward is not None else 0
+        trial = Trial(
+            obs=rec.obs[:T].copy(), actions=rec.actions[:T].copy(), rewards=rec.rewards[:T].copy(),
+            gt=rec.gt[:T].copy(), trial_end=np.arange(T) == T - 1, init_state=start_state,
+            ground_truth=ground_truth, correct=bool(correct), fix_breaks=fix,
+            episode_id=int(self.episode_id[k]), actor_id=self.actor_id, env_id=k,
+            trial_index=int(self.trial_in_episode[k]), weights_version=self.weights_version)
+        if self.burn_in > 0:
+            prev = self.prev_burnin[k]
+            if prev is not None:
+                trial.burnin_obs, trial.burnin_state = prev
+            else:
+                trial.burnin_obs = np.zeros((0, self.spec.obs_dim), np.float32)
+                trial.burnin_state = np.zeros(0, np.float32)
+            self.prev_burnin[k] = self._ring_snapshot(k)
+        self.trial_in_episode[k] += 1
+        self.ep_reward[k] += trial.total_reward
+        self.ep_steps[k] += T
+        self.ep_correct[k] += int(correct)
+        self.ep_fix[k] += fix
+        return trial
+
+    def _maybe_end_episode(self, k: int) -> EpisodeStats | None:
+        if self.trial_in_episode[k] < self.trials_per_episode:
+            return None
+        stats = EpisodeStats(episode_id=int(self.episode_id[k]), env_id=k,
+                             trials=int(self.trial_in_episode[k]), steps=int(self.ep_steps[k]),
+                             reward=float(self.ep_reward[k]), correct=int(self.ep_correct[k]),
+                             fix_breaks=int(self.ep_fix[k]))
+        self._start_episode(k)
+        return stats
+
+    def _start_episode(self, k: int) -> None:
+        """Zero the recurrent state: the next trial is the first of a new episode."""
+        self.state[k] = 0.0
+        self.trial_start_state[k] = 0.0
+        self.trial_in_episode[k] = 0
+        self.episode_id[k] = self.episode_counter
+        self.episode_counter += 1
+        self.ep_reward[k] = 0.0
+        self.ep_steps[k] = 0
+        self.ep_correct[k] = 0
+        self.ep_fix[k] = 0
+        if self.burn_in > 0:
+            self.ring_n[k] = 0
+            self.prev_burnin[k] = None
+
+    def collect(self, min_trials: int = 1, max_steps: int = 1_000_000):
+        """Step until at least ``min_trials`` trials completed (or ``max_steps`` lockstep steps)."""
+        trials: list[Trial] = []
+        episodes: list[EpisodeStats] = []
+        for _ in range(max_steps):
+            t, e = self.step()
+            trials.extend(t)
+            episodes.extend(e)
+            if len(trials) >= min_trials:
+                break
+        return trials, episodes
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from any tuple of non-negative ints (NeuroGym needs < 2**32)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _ground_truth(u) -> int:
+    trial = getattr(u, "trial", None) or {}
+    gt = trial.get("ground_truth", -1)
+    try:
+        return int(gt)
+    except (TypeError, ValueError):
+        return -1

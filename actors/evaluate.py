@@ -1,0 +1,48 @@
+"""Greedy evaluation: accuracy over whole trials, with M carried across the trials of episodes."""
+from __future__ import annotations
+
+import numpy as np
+
+from actors.collector import TrialCollector
+from common.networks import NetSpec
+from common.tasks import ideal_accuracy, pct_of_ideal
+
+EVAL_SEED_OFFSET = 1_000_000   # eval envs never share seeds with training envs
+
+
+def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials: int,
+             trials_per_episode: int, seed: int = 0, num_envs: int = 16, epsilon: float = 0.0,
+             keep_trials: bool = False) -> dict:
+    """Run the policy greedily (ε = ``epsilon``) until ``num_trials`` trials completed.
+
+    Returns accuracy, reward per trial, fixation-break rate, the ideal-observer ceiling (None
+    when unknown) and accuracy as a percentage of it.
+    """
+    if num_trials < 1:
+        raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    col = TrialCollector(env_name, dt, spec, params, num_envs=num_envs,
+                         trials_per_episode=trials_per_episode, seed=seed + EVAL_SEED_OFFSET,
+                         actor_id=0)
+    col.epsilon = epsilon
+    trials = []
+    episodes = 0
+    while len(trials) < num_trials:
+        t, e = col.step()
+        trials.extend(t)
+        episodes += len(e)
+    col.close()
+    trials = trials[:num_trials]
+    correct = np.array([t.correct for t in trials])
+    reward = np.array([t.total_reward for t in trials])
+    breaks = np.array([t.fix_breaks > 0 for t in trials])
+    acc = float(correct.mean())
+    out = {
+        "env_name": env_name, "dt": dt, "episodes": episodes, "trials": len(trials),
+        "accuracy": acc, "accuracy_stderr": float(np.sqrt(acc * (1 - acc) / len(trials))),
+        "reward_per_trial": float(reward.mean()), "fix_break_rate": float(breaks.mean()),
+        "ideal_accuracy": ideal_accuracy(env_name, dt), "pct_ideal": pct_of_ideal(acc, env_name, dt),
+        "mean_trial_len": float(np.mean([t.length for t in trials])),
+    }
+    if keep_trials:
+        out["_trials"] = trials
+    return out

@@ -1,0 +1,301 @@
+"""One configuration schema for the whole system; the command line is generated from it.
+
+Every option is a dataclass field whose metadata carries its help text and its allowed
+range.  ``__post_init__`` validates every value at construction and raises
+:class:`ConfigError` with a message that says how to fix it, so a bad value never reaches
+a running component.  The CLI (``driver/cli.py``) turns each field ``foo_bar`` into
+``--foo-bar``; ``config.json`` in the experiment directory is ``dataclasses.asdict``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+CORES = ("mpn", "gru", "lstm")
+DEVICES = ("auto", "cpu", "cuda")
+REPLAY_INITS = ("zero", "stored", "burn-in")
+TARGET_UPDATES = ("hard", "polyak")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which option and how to fix it."""
+
+
+def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+        low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
+        cli: bool = True) -> Any:
+    """A config field with its help text and allowed range (used for validation and --help)."""
+    return field(default=default, metadata=dict(help=help, low=low, high=high, low_open=low_open,
+                                                high_open=high_open, choices=choices, cli=cli))
+
+
+def _check_field(obj: Any, f: dataclasses.Field) -> None:
+    value = getattr(obj, f.name)
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    if value is None:
+        if not _is_optional(f):
+            raise ConfigError(f"{flag} must be given (got nothing)")
+        return
+    base = _base_type(f)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be true or false, got {value!r}")
+        return
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{flag} must be a whole number, got {value!r}")
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{flag} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+        setattr(obj, f.name, float(value))
+    if base is str and not isinstance(value, str):
+        raise ConfigError(f"{flag} must be text, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        rel = ">" if meta.get("low_open") else ">="
+        raise ConfigError(f"{flag} must be {rel} {low}; got {value!r}")
+    if high is not None and (value > high or (meta.get("high_open") and value == high)):
+        rel = "<" if meta.get("high_open") else "<="
+        raise ConfigError(f"{flag} must be {rel} {high}; got {value!r}")
+
+
+def _is_optional(f: dataclasses.Field) -> bool:
+    t = f.type if not isinstance(f.type, str) else _HINTS_CACHE.get(f.name)
+    return "Optional" in str(f.type) or "None" in str(f.type) or (t is not None and type(None) in typing.get_args(t))
+
+
+_HINTS_CACHE: dict = {}
+
+
+def _base_type(f: dataclasses.Field) -> type:
+    s = str(f.type).replace("typing.", "")
+    for name, t in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if s == name or s == f"Optional[{name}]" or s == f"{name} | None":
+            return t
+    raise TypeError(f"config field {f.name} has unsupported type {f.type}")
+
+
+class ConfigBase:
+    """Validation, JSON and CLI generation shared by the config dataclasses."""
+
+    def validate(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            _check_field(self, f)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str):
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, *, skip: tuple = (),
+                      suppress_defaults: bool = False) -> None:
+        """Add one ``--flag`` per field.  With ``suppress_defaults`` unset flags are absent
+        from the namespace (used by ``resume`` to override only what the user typed)."""
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name in skip or not f.metadata.get("cli", True):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            base = _base_type(f)
+            help_text = f.metadata.get("help", "")
+            default = f.default
+            if default is not dataclasses.MISSING:
+                help_text += f" (default: {default})"
+            kw: dict = dict(dest=f.name, help=help_text)
+            if suppress_defaults:
+                kw["default"] = argparse.SUPPRESS
+            else:
+                kw["default"] = default
+            if base is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+                continue
+            kw["type"] = _none_or(base) if _is_optional(f) else base
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+            kw["metavar"] = base.__name__.upper() if not f.metadata.get("choices") else None
+            if kw["metavar"] is None:
+                del kw["metavar"]
+            parser.add_argument(flag, **kw)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, **overrides):
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        data = {k: v for k, v in vars(ns).items() if k in names}
+        data.update(overrides)
+        return cls(**data)
+
+
+def _none_or(base: type):
+    def parse(text: str):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return base(text)
+    parse.__name__ = base.__name__
+    return parse
+
+
+def random_experiment_name(rng: random.Random | None = None) -> str:
+    rng = rng or random.Random()
+    adjectives = ("brisk", "calm", "deft", "eager", "fuzzy", "gentle", "keen", "lucid", "merry",
+                  "nimble", "plucky", "quiet", "rapid", "steady", "tidy", "vivid", "wry", "zesty")
+    nouns = ("axon", "cortex", "dendrite", "gyrus", "neuron", "synapse", "soma", "spike",
+             "thalamus", "vesicle", "glia", "myelin", "hebb", "trace", "engram", "plexus")
+    return f"{rng.choice(adjectives)}-{rng.choice(nouns)}-{rng.randrange(1000):03d}"
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Everything ``train-neurogym`` needs.  Field ``foo_bar`` is the CLI option ``--foo-bar``."""
+
+    # --- task ---
+    env_name: str = opt("ContextDecisionMaking-v0", "NeuroGym task name (any registered task)")
+    dt: int = opt(100, "NeuroGym time step in ms (100: 14-40 steps per trial; 10: 145-465)", low=1)
+    num_episodes: int = opt(1000, "episodes to train for (summed over all envs and actors)", low=1)
+    trials_per_episode: int = opt(
+        10, "trials per episode; the recurrent state (M) persists across trials and resets only "
+        "between episodes", low=1)
+    seed: int = opt(0, "random seed (envs, exploration, network init)", low=0)
+    time_limit_minutes: Optional[float] = opt(
+        None, "stop training after this many minutes of wall time even if episodes remain",
+        low=0, low_open=True)
+
+    # --- network ---
+    core: str = opt("mpn", "recurrent core: mpn (multi-plasticity network), gru or lstm", choices=CORES)
+    hidden_dim: int = opt(128, "hidden units of the recurrent core", low=1, high=8192)
+    eta: float = opt(0.1, "MPN Hebbian learning rate eta (initial value if --learn-plasticity)")
+    lambda_decay: float = opt(0.95, "MPN decay lambda of M per step (initial value if "
+                              "--learn-plasticity)", low=0.0, high=1.0)
+    learn_plasticity: bool = opt(False, "learn eta and lambda by backprop (lambda kept in "
+                                 "[0, --lambda-max])")
+    lambda_max: float = opt(0.99, "upper bound of a learnable lambda", low=0.0, high=1.0)
+    input_bias: float = opt(
+        1.0, "value of the constant input channel appended to every observation (lets the "
+        "network read M when the observation is all zeros; 0 disables it)")
+    dueling: bool = opt(False, "dueling Q head (value + advantage streams)")
+
+    # --- exploration (actors) ---
+    epsilon_start: float = opt(0.3, "initial exploration rate", low=0.0, high=1.0)
+    epsilon_end: float = opt(0.01, "final exploration rate", low=0.0, high=1.0)
+    epsilon_decay_steps: int = opt(100_000, "env steps (all envs) over which epsilon decays "
+                                   "linearly from start to end", low=1)
+
+    # --- replay ---
+    buffer_size: int = opt(500, "replay capacity in trials (FIFO)", low=1)
+    trial_batch_size: int = opt(4, "trials per learner batch", low=1)
+    replay_init: str = opt(
+        "stored", "initial recurrent state when replaying a trial: zero, the stored state the "
+        "actor acted from, or burn-in over the end of the preceding trial", choices=REPLAY_INITS)
+    burn_in_steps: int = opt(10, "steps of the preceding trial replayed without gradient "
+                             "(--replay-init burn-in)", low=0)
+    learning_starts: int = opt(64, "trials in replay before the first update", low=1)
+    replay_ratio: float = opt(
+        4.0, "trials sampled by the learner per trial inserted by the actors (samples per "
+        "insert)", low=0.0, low_open=True)
+
+    # --- learner ---
+    lr: float = opt(1e-3, "Adam learning rate", low=0.0, low_open=True)
+    gamma: Optional[float] = opt(
+        None, "discount per step; default derives it from --discount-horizon-ms and --dt",
+        low=0.0, high=1.0)
+    discount_horizon_ms: float = opt(
+        10_000.0, "time constant of the discount in ms of task time: gamma = exp(-dt / horizon)",
+        low=0.0, low_open=True)
+    n_step: int = opt(5, "n-step returns (bootstrapping never crosses a trial's end)", low=1)
+    bptt_chunk_size: Optional[int] = opt(None, "truncated BPTT chunk length in steps (none: the "
+                                         "whole trial)", low=1)
+    target_update: str = opt("hard", "target network update: hard copy or polyak averaging",
+                             choices=TARGET_UPDATES)
+    target_update_period: int = opt(250, "updates between hard target copies", low=1)
+    polyak_tau: float = opt(0.005, "polyak averaging rate per update", low=0.0, high=1.0,
+                            low_open=True)
+    grad_clip: float = opt(10.0, "gradient norm clip (0 disables)", low=0.0)
+    huber_delta: float = opt(1.0, "Huber loss threshold", low=0.0, low_open=True)
+    device: str = opt("auto", "learner device: auto (cuda when present), cuda or cpu",
+                      choices=DEVICES)
+
+    # --- runtime ---
+    num_actors: int = opt(0, "Ray actor processes (0: single process, no Ray)", low=0)
+    envs_per_actor: int = opt(8, "NeuroGym envs stepped in lockstep per actor", low=1)
+    address: Optional[str] = opt(None, "Ray cluster address (auto or HOST:PORT); default: the "
+                                 "RAY_ADDRESS variable, else an embedded local Ray")
+
+    # --- output ---
+    experiment_name: Optional[str] = opt(None, "experiment directory name under "
+                                         "--experiments-dir (default: random)")
+    experiments_dir: str = opt("experiments", "where experiment directories are written")
+    overwrite: bool = opt(False, "allow reusing an existing experiment name (deletes it)")
+    print_freq: int = opt(10, "episodes between progress lines / metrics records", low=1)
+    checkpoint_freq: int = opt(100, "episodes between checkpoints", low=1)
+    eval_trials: int = opt(500, "greedy evaluation trials at the end of training (0: skip)",
+                           low=0)
+    plot_training: bool = opt(False, "write plots/training_curves.png")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epsilon_end > self.epsilon_start:
+            raise ConfigError(f"--epsilon-end ({self.epsilon_end}) must not exceed "
+                              f"--epsilon-start ({self.epsilon_start})")
+        if self.learn_plasticity and self.lambda_decay > self.lambda_max:
+            raise ConfigError(f"--lambda-decay ({self.lambda_decay}) must be <= --lambda-max "
+                              f"({self.lambda_max}) with --learn-plasticity")
+        if self.learning_starts < self.trial_batch_size:
+            raise ConfigError(f"--learning-starts ({self.learning_starts}) must be >= "
+                              f"--trial-batch-size ({self.trial_batch_size})")
+        if self.buffer_size < self.trial_batch_size:
+            raise ConfigError(f"--buffer-size ({self.buffer_size}) must hold at least one batch "
+                              f"(--trial-batch-size {self.trial_batch_size})")
+        if self.learning_starts > self.buffer_size:
+            raise ConfigError(f"--learning-starts ({self.learning_starts}) can never be reached "
+                              f"with --buffer-size {self.buffer_size}; lower it or grow the buffer")
+        if self.experiment_name is not None:
+            check_experiment_name(self.experiment_name)
+
+    @property
+    def effective_gamma(self) -> float:
+        if self.gamma is not None:
+            return self.gamma
+        return math.exp(-self.dt / self.discount_horizon_ms)
+
+
+def check_experiment_name(name: str) -> None:
+    ok = name and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+    if not ok:
+        raise ConfigError(f"--experiment-name {name!r} must be letters, digits, '-', '_' or '.' "
+                          "(no slashes, not starting with '.')")

@@ -1,0 +1,143 @@
+"""The Multi-Plasticity Network (MPN): one definition of the maths, two implementations.
+
+For one sequence, with x̃_t the observation with a constant channel appended (see below)::
+
+    h_t = tanh(b + (W ⊙ (1 + M_{t-1})) x̃_t)          hidden activity, read by the Q head
+    M_t = λ · M_{t-1} + η · h_t x̃_tᵀ                  fast Hebbian state (not a parameter)
+
+W and b learn by backprop; η and λ are fixed or learnable (η any sign, λ = λ_max·σ(θ) so it
+stays in [0, λ_max]).  M is the recurrent *state*: it persists across the trials of an
+episode and is zeroed only between episodes.
+
+Storage layout.  M is stored transposed, ``[..., I, H]`` (input index first).  Every term of
+the step is then a broadcast over contiguous rows of length H, which was measured 3-6x faster
+in numpy and torch than ``[..., H, I]``.  Flattened, the state of one env is a vector of
+``I*H`` floats: that is what the trial record stores and what the replay starts from.
+
+Why a constant input channel.  On the NeuroGym tasks this project targets the observation is
+exactly all zeros at every decision step.  With x_t = 0 the pre-activation is ``b`` whatever M
+holds, so a network that reads M only through the observation is blind exactly when it must
+answer (the system this project grew from stayed at chance for this reason).  Appending a
+constant c (``--input-bias``, default 1) to x gives every unit a learned weight W[:, c] that M
+modulates: at a zero observation ``h = tanh(b + c·W[:, c] ⊙ (1 + M[:, c]))``, and
+``M[:, c]`` is a decaying trace of each unit's past activity (``η·c·h_t`` accumulated) — i.e.
+it carries what the stimulus did.  We prefer it to an input layer ``tanh(Ux + c)`` before the
+plastic layer because it keeps the MPN's single-layer form (the paper's model, one matrix to
+inspect in renders) and costs one column; a prototype measured both equally good, and without
+either the agent stayed at chance.  ``tests/test_mpn.py`` checks that Q at a zero observation
+depends on the earlier stimulus.
+
+Implementations:
+  * :class:`MPNCore` — torch, batched over trials ``[B, T]``, with optional per-step masks
+    (a masked step leaves the state unchanged) and resets (state zeroed before the step);
+    used by the learner.
+  * :func:`mpn_step_numpy` / ``NumpyPolicy`` — numpy, batched over envs, in place, no torch;
+    used by actors on the hot path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def augment_obs_numpy(obs: np.ndarray, input_bias: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``[..., O] -> [..., O+1]`` with the constant channel (or a copy when input_bias == 0)."""
+    if input_bias == 0:
+        return np.asarray(obs, dtype=np.float32)
+    if out is None:
+        out = np.empty(obs.shape[:-1] + (obs.shape[-1] + 1,), dtype=np.float32)
+    out[..., :-1] = obs
+    out[..., -1] = input_bias
+    return out
+
+
+def augment_obs_torch(obs: torch.Tensor, input_bias: float) -> torch.Tensor:
+    if input_bias == 0:
+        return obs
+    const = torch.full(obs.shape[:-1] + (1,), float(input_bias), dtype=obs.dtype, device=obs.device)
+    return torch.cat([obs, const], dim=-1)
+
+
+class MPNCore(nn.Module):
+    """Batched torch MPN.  ``forward(obs [B,T,O], state [B,I*H]) -> (h [B,T,H], state)``."""
+
+    kind = "mpn"
+
+    def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
+                 learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0):
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.hidden_dim = hidden_dim
+        self.input_bias = float(input_bias)
+        self.in_dim = obs_dim + (1 if input_bias != 0 else 0)
+        self.state_size = self.in_dim * hidden_dim
+        self.learn_plasticity = learn_plasticity
+        self.lambda_max = float(lambda_max)
+        bound = 1.0 / math.sqrt(self.in_dim)
+        self.W = nn.Parameter(torch.empty(hidden_dim, self.in_dim).uniform_(-bound, bound))
+        self.b = nn.Parameter(torch.zeros(hidden_dim))
+        if learn_plasticity:
+            frac = min(max(lambda_decay / self.lambda_max, 1e-4), 1 - 1e-4) if self.lambda_max > 0 else 0.5
+            self.eta_param = nn.Parameter(torch.tensor(float(eta)))
+            self.lambda_logit = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))))
+        else:
+            self.register_buffer("eta_param", torch.tensor(float(eta)))
+            self.register_buffer("lambda_logit", torch.tensor(float(lambda_decay)))
+
+    def plasticity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(η, λ) as 0-d tensors."""
+        if self.learn_plasticity:
+            return self.eta_param, self.lambda_max * torch.sigmoid(self.lambda_logit)
+        return self.eta_param, self.lambda_logit
+
+    def initial_state(self, batch: int, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.state_size, device=device or self.W.device)
+
+    def forward(self, obs: torch.Tensor, state: torch.Tensor, mask: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [B,T,O]; state [B,I*H]; mask [B,T] bool (False: step leaves state unchanged);
+        reset [B,T] bool (True: state zeroed before the step).  Returns h [B,T,H], state [B,I*H]."""
+        B, T, _ = obs.shape
+        x = augment_obs_torch(obs, self.input_bias)                     # [B,T,I]
+        M = state.view(B, self.in_dim, self.hidden_dim)                 # [B,I,H]
+        Wt = self.W.t()                                                 # [I,H]
+        eta, lam = self.plasticity()
+        xw = x @ Wt + self.b                                            # [B,T,H]: b + W x̃ (the "1 ⊙" part)
+        hs = []
+        for t in range(T):
+            if reset is not None:
+                M = M * (~reset[:, t]).to(M.dtype)[:, None, None]
+            xt = x[:, t]                                                # [B,I]
+            # (W ⊙ M) x̃ with M stored [I,H]:  sum_i x̃_i · W_t[i,:] · M[i,:]
+            pre = xw[:, t] + torch.einsum("bi,bih->bh", xt, M * Wt)
+            h = torch.tanh(pre)
+            M_new = lam * M + eta * xt[:, :, None] * h[:, None, :]
+            if mask is not None:
+                M = torch.where(mask[:, t, None, None], M_new, M)
+            else:
+                M = M_new
+            hs.append(h)
+        return torch.stack(hs, dim=1), M.reshape(B, self.state_size)
+
+
+def mpn_step_numpy(x: np.ndarray, M: np.ndarray, Wt: np.ndarray, b: np.ndarray, eta: float,
+                   lam: float, work: np.ndarray | None = None) -> np.ndarray:
+    """One MPN step for K envs, in place on M.
+
+    x [K,I] (already augmented), M [K,I,H] (updated in place), Wt [I,H] = Wᵀ, b [H].
+    Returns h [K,H].  Same maths as :meth:`MPNCore.forward`.
+    """
+    if work is None:
+        work = np.empty_like(M)
+    np.multiply(M, Wt, out=work)                         # W ⊙ M (stored transposed)
+    pre = x @ Wt + b                                     # b + W x̃
+    pre += np.einsum("ki,kih->kh", x, work)              # + (W ⊙ M) x̃
+    h = np.tanh(pre, out=pre)
+    M *= lam
+    np.multiply(x[:, :, None], h[:, None, :], out=work)
+    work *= eta
+    M += work
+    return h

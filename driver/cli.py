@@ -1,0 +1,194 @@
+"""The command line: ``python main.py <command> [options]`` (also installed as ``mpn-dqn``).
+
+``train-neurogym``'s options are generated from :class:`common.config.TrainConfig` (one
+dataclass = the CLI).  Misuse (unknown command or option, bad value, unknown task or
+experiment) prints one line saying what to do and exits with code 2, before anything is
+written.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+
+from common.config import ConfigError, TrainConfig, random_experiment_name
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """CLI misuse: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (and close-match hints for misspelt options)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if "unrecognized arguments" in message:
+            bad = [w for w in message.split(":", 1)[1].split() if w.startswith("--")]
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for b in bad:
+                close = difflib.get_close_matches(b.split("=")[0], known, n=2)
+                if close:
+                    hints.append(f"{b} -> did you mean {' or '.join(close)}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpn-dqn", allow_abbrev=False,
+                description="MPN-DQN on NeuroGym tasks: distributed actor-learner training on Ray.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train-neurogym", allow_abbrev=False,
+                       help="train an agent on a NeuroGym task",
+                       description="Train MPN-DQN on a NeuroGym task. Every option below is a field "
+                       "of common.config.TrainConfig and is saved in experiments/<name>/config.json.")
+    TrainConfig.add_arguments(t)
+
+    e = sub.add_parser("eval", allow_abbrev=False, help="greedy evaluation of a trained experiment",
+                       description="Run the trained policy greedily and report accuracy against the "
+                       "ideal-observer ceiling; writes experiments/<name>/eval.json.")
+    e.add_argument("--experiment-name", required=True, help="experiment to evaluate")
+    e.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    e.add_argument("--num-eval-episodes", type=int, default=50,
+                   help="episodes to run; each has the experiment's --trials-per-episode trials "
+                   "(default: 50)")
+    e.add_argument("--checkpoint", default=None,
+                   help="checkpoint file name or path (default: final_model.pt, else best_model.pt)")
+    e.add_argument("--seed", type=int, default=0, help="evaluation seed (default: 0)")
+
+    r = sub.add_parser("render", allow_abbrev=False, help="render one episode as an animated GIF",
+                       description="Render one greedy episode: observations, actions vs ground truth, "
+                       "Q-values and the recurrent state as a heatmap, trial boundaries marked.")
+    r.add_argument("--experiment-name", required=True, help="experiment to render")
+    r.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    r.add_argument("--output", required=True, help="output .gif path")
+    r.add_argument("--checkpoint", default=None, help="checkpoint (default: final_model.pt)")
+    r.add_argument("--seed", type=int, default=0, help="episode seed (default: 0)")
+    r.add_argument("--max-trials", type=int, default=None,
+                   help="trials to render (default: one episode)")
+    r.add_argument("--fps", type=int, default=8, help="frames per second (default: 8)")
+
+    s = sub.add_parser("resume", allow_abbrev=False, help="continue a run from its last checkpoint",
+                       description="Continue an experiment from its newest checkpoint (model, "
+                       "optimizer, target network, counters, epsilon schedule).")
+    s.add_argument("--experiment-name", required=True, help="experiment to continue")
+    s.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    s.add_argument("--num-episodes", type=int, default=None,
+                   help="new total number of episodes (default: the original --num-episodes)")
+    s.add_argument("--time-limit-minutes", type=float, default=None,
+                   help="stop after this many minutes of this session")
+    return p
+
+
+def _positive(name: str, value, allow_none: bool = True):
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise UsageError(f"{name} must be >= 1, got {value}")
+
+
+def cmd_train(ns) -> int:
+    try:
+        cfg = TrainConfig.from_namespace(ns)
+    except (ConfigError, TypeError) as exc:
+        raise UsageError(f"train-neurogym: {exc}") from exc
+    _preflight(cfg)
+    from driver.experiment import Experiment
+    name = cfg.experiment_name or random_experiment_name()
+    cfg.experiment_name = name
+    exp = Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
+    exp.create(cfg, overwrite=cfg.overwrite)
+    print(f"Experiment: {exp.dir}  (task {cfg.env_name}, dt {cfg.dt}, core {cfg.core}, "
+          f"{'single process' if cfg.num_actors == 0 else f'{cfg.num_actors} Ray actors'})", flush=True)
+    if cfg.num_actors == 0:
+        from driver.local import train_local
+        train_local(cfg, exp)
+    else:
+        from driver.distributed import train_distributed
+        train_distributed(cfg, exp)
+    return 0
+
+
+def _preflight(cfg: TrainConfig) -> None:
+    """Checks that need the outside world (task registry, GPU) — before anything is written."""
+    from common.tasks import UnknownTaskError, check_task_name
+    try:
+        check_task_name(cfg.env_name)
+    except UnknownTaskError as exc:
+        raise UsageError(f"train-neurogym: {exc}") from exc
+    from learner.learner import DeviceError, resolve_device
+    try:
+        resolve_device(cfg.device)
+    except DeviceError as exc:
+        raise UsageError(f"train-neurogym: {exc}") from exc
+
+
+def _open(ns):
+    from driver.experiment import Experiment, ExperimentError
+    try:
+        return Experiment.open_existing(ns.experiments_dir, ns.experiment_name)
+    except (ExperimentError, ConfigError) as exc:
+        raise UsageError(f"{ns.command}: {exc}") from exc
+
+
+def cmd_eval(ns) -> int:
+    _positive("--num-eval-episodes", ns.num_eval_episodes, allow_none=False)
+    exp = _open(ns)
+    from driver.commands import run_eval
+    run_eval(exp, num_episodes=ns.num_eval_episodes, checkpoint=ns.checkpoint, seed=ns.seed)
+    return 0
+
+
+def cmd_render(ns) -> int:
+    _positive("--max-trials", ns.max_trials)
+    _positive("--fps", ns.fps, allow_none=False)
+    if not ns.output.lower().endswith(".gif"):
+        raise UsageError(f"render: --output must end in .gif, got {ns.output!r}")
+    exp = _open(ns)
+    from driver.commands import run_render
+    run_render(exp, output=ns.output, checkpoint=ns.checkpoint, seed=ns.seed,
+               max_trials=ns.max_trials, fps=ns.fps)
+    return 0
+
+
+def cmd_resume(ns) -> int:
+    _positive("--num-episodes", ns.num_episodes)
+    exp = _open(ns)
+    from driver.commands import run_resume
+    run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
+    return 0
+
+
+COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        if ns.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return COMMANDS[ns.command](ns)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        from driver.experiment import CheckpointError, ExperimentError
+        if isinstance(exc, (CheckpointError, ExperimentError)):
+            print(f"mpn-dqn: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

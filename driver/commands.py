@@ -1,0 +1,127 @@
+"""``eval``, ``render`` and ``resume`` on an experiment directory."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from actors.evaluate import evaluate
+from common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
+from common.tasks import make_env
+from driver.experiment import Experiment, load_checkpoint
+
+
+def load_policy_params(exp: Experiment, checkpoint: str | None) -> tuple[NetSpec, dict, dict, str]:
+    path = exp.resolve_checkpoint(checkpoint)
+    ck = load_checkpoint(path)
+    spec = NetSpec(**ck["spec"])
+    net = QNetwork(spec)
+    net.load_state_dict(ck["learner"]["online"])
+    return spec, export_params(net), ck, str(path)
+
+
+def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed: int, log=print) -> dict:
+    cfg = exp.load_config()
+    spec, params, ck, path = load_policy_params(exp, checkpoint)
+    n_trials = num_episodes * cfg.trials_per_episode
+    res = evaluate(spec, params, env_name=cfg.env_name, dt=cfg.dt, num_trials=n_trials,
+                   trials_per_episode=cfg.trials_per_episode, seed=seed)
+    res["episodes"] = num_episodes
+    res["checkpoint"] = path
+    res["trained_episodes"] = ck["counters"].get("episodes")
+    exp.write_json("eval.json", res)
+    ideal = res["ideal_accuracy"]
+    rows = [
+        ("task", f"{cfg.env_name} (dt {cfg.dt})"),
+        ("checkpoint", path),
+        ("episodes x trials", f"{num_episodes} x {cfg.trials_per_episode} = {res['trials']}"),
+        ("accuracy", f"{res['accuracy']:.3f} ± {res['accuracy_stderr']:.3f}"),
+        ("ideal observer", f"{ideal:.3f}" if ideal is not None else "unknown for this task/dt"),
+        ("% of ideal", f"{res['pct_ideal']:.1f}%" if res["pct_ideal"] is not None else "-"),
+        ("reward per trial", f"{res['reward_per_trial']:.3f}"),
+        ("fixation-break rate", f"{res['fix_break_rate']:.3f}"),
+        ("mean trial length", f"{res['mean_trial_len']:.1f} steps"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    log("+" + "-" * (width + 2) + "+" + "-" * 52)
+    for k, v in rows:
+        log(f"| {k:<{width}} | {v}")
+    log("+" + "-" * (width + 2) + "+" + "-" * 52)
+    log(f"Wrote {exp.dir / 'eval.json'}")
+    return res
+
+
+def record_episode(spec: NetSpec, params: dict, env_name: str, dt: int, num_trials: int, seed: int) -> dict:
+    """Greedy rollout of one env for ``num_trials`` trials (after the spoiled first one)."""
+    env = make_env(env_name, dt, seed=seed + 2_000_000)
+    u = env.unwrapped
+    obs, _ = env.reset(seed=seed)
+    policy = NumpyPolicy(spec, params)
+    state = np.zeros((1, spec.state_size), np.float32)
+    rows = {"obs": [], "action": [], "gt": [], "q": [], "state": [], "reward": [], "trial_end": []}
+    started = False
+    trials = 0
+    for _ in range(200_000):
+        q = policy.step(obs[None].astype(np.float32), state)
+        a = int(q[0].argmax())
+        gt = int(u.gt_now)
+        obs2, r, _, _, info = env.step(a)
+        if started:
+            rows["obs"].append(np.asarray(obs, np.float32))
+            rows["action"].append(a)
+            rows["gt"].append(gt)
+            rows["q"].append(q[0].copy())
+            rows["state"].append(state[0].copy())
+            rows["reward"].append(float(r))
+            rows["trial_end"].append(bool(info.get("new_trial", False)))
+        obs = obs2
+        if info.get("new_trial", False):
+            if not started:
+                started = True
+                state[:] = 0.0          # the episode starts after the spoiled first trial
+            else:
+                trials += 1
+                if trials >= num_trials:
+                    break
+    env.close()
+    return {k: np.array(v) for k, v in rows.items()}
+
+
+def run_render(exp: Experiment, *, output: str, checkpoint: str | None, seed: int,
+               max_trials: int | None, fps: int, log=print) -> str:
+    cfg = exp.load_config()
+    spec, params, _, path = load_policy_params(exp, checkpoint)
+    ep = record_episode(spec, params, cfg.env_name, cfg.dt, max_trials or cfg.trials_per_episode, seed)
+    from driver.render import write_gif
+    n = write_gif(ep, spec, output, title=f"{cfg.env_name} dt={cfg.dt} ({exp.name})", fps=fps)
+    log(f"Wrote {output}: {n} frames, {int(ep['trial_end'].sum())} trials, "
+        f"{int(sum(1 for a, g, e, r in zip(ep['action'], ep['gt'], ep['trial_end'], ep['reward']) if e and r > 0))} rewarded")
+    return output
+
+
+def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes: float | None,
+               log=print) -> dict:
+    cfg = exp.load_config()
+    latest = exp.latest_checkpoint()
+    if latest is None:
+        from driver.experiment import CheckpointError
+        raise CheckpointError(f"experiment {exp.name!r} has no checkpoint to resume from "
+                              f"(looked in {exp.checkpoint_dir})")
+    ck = load_checkpoint(latest)
+    done = int(ck["counters"].get("episodes", 0))
+    target = num_episodes if num_episodes is not None else cfg.num_episodes
+    if target <= done:
+        from driver.cli import UsageError
+        raise UsageError(f"resume: the checkpoint is at episode {done}; pass --num-episodes "
+                         f"greater than that (the new total)")
+    cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
+    cfg.save(str(exp.config_path))
+    log(f"Resuming {exp.name} from {latest.name} (episode {done}) to episode {target}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.num_actors == 0:
+            from driver.local import train_local
+            return train_local(cfg, exp, resume_from=str(latest), target_episodes=target, log=log)
+        from driver.distributed import train_distributed
+        return train_distributed(cfg, exp, resume_from=str(latest), target_episodes=target, log=log)

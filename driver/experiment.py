@@ -1,0 +1,178 @@
+"""The experiment directory: config.json, metrics.jsonl, checkpoints/, plots/.
+
+Every file is written atomically (temp file + rename) so a run killed mid-write never leaves
+a half-written checkpoint that ``resume`` or ``eval`` would load.  Checkpoints are plain dicts
+of tensors and numbers, loaded with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, TrainConfig, check_experiment_name
+
+
+class ExperimentError(ValueError):
+    """The experiment directory is missing, already exists, or holds an unreadable file."""
+
+
+class CheckpointError(ExperimentError):
+    """A checkpoint file cannot be loaded; the message names the file."""
+
+
+class Experiment:
+    def __init__(self, root: str | os.PathLike, name: str):
+        check_experiment_name(name)
+        self.name = name
+        self.dir = Path(root) / name
+
+    # -- paths ----------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.dir / "plots"
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def check_new(cls, root: str, name: str, overwrite: bool) -> "Experiment":
+        """Validate that a new run may use this name (writes nothing)."""
+        exp = cls(root, name)
+        if exp.dir.exists() and not overwrite:
+            raise ExperimentError(f"experiment {str(exp.dir)!r} already exists; choose another "
+                                  "--experiment-name, pass --overwrite to replace it, or use "
+                                  "`resume` to continue it")
+        return exp
+
+    def create(self, cfg: TrainConfig, overwrite: bool = False) -> None:
+        if self.dir.exists():
+            if not overwrite:
+                raise ExperimentError(f"experiment {str(self.dir)!r} already exists")
+            shutil.rmtree(self.dir)
+        self.checkpoint_dir.mkdir(parents=True)
+        cfg.save(str(self.config_path))
+
+    @classmethod
+    def open_existing(cls, root: str, name: str) -> "Experiment":
+        exp = cls(root, name)
+        if not exp.config_path.exists():
+            known = sorted(p.name for p in Path(root).glob("*/config.json")) if Path(root).exists() else []
+            known = [Path(k).parent.name if "/" in k else k for k in known]
+            names = sorted(p.parent.name for p in Path(root).glob("*/config.json")) if Path(root).exists() else []
+            hint = f"; existing experiments: {', '.join(names)}" if names else f"; {root}/ holds none"
+            raise ExperimentError(f"no experiment {name!r} under {root}/{hint}")
+        return exp
+
+    def load_config(self) -> TrainConfig:
+        try:
+            return TrainConfig.load(str(self.config_path))
+        except ConfigError as exc:
+            raise ExperimentError(f"{self.config_path}: {exc}") from exc
+
+    # -- metrics --------------------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        clean = {k: _json_safe(v) for k, v in record.items()}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+            fh.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        with open(self.metrics_path) as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue      # a line cut by a crash; the rest is intact
+        return out
+
+    def write_json(self, name: str, data: dict) -> Path:
+        path = self.dir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({k: _json_safe(v) for k, v in data.items()}, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, payload: dict, filename: str) -> Path:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / filename
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest of checkpoint_<episode>.pt and final_model.pt (by recorded progress)."""
+        cands = list(self.checkpoint_dir.glob("checkpoint_*.pt"))
+        final = self.checkpoint_dir / "final_model.pt"
+        if final.exists():
+            cands.append(final)
+        if not cands:
+            return None
+        return max(cands, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def resolve_checkpoint(self, name: str | None) -> Path:
+        if name is None:
+            for cand in ("final_model.pt", "best_model.pt"):
+                if (self.checkpoint_dir / cand).exists():
+                    return self.checkpoint_dir / cand
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise CheckpointError(f"experiment {self.name!r} has no checkpoint in {self.checkpoint_dir}")
+            return latest
+        p = Path(name)
+        if not p.is_absolute() and not p.exists():
+            p = self.checkpoint_dir / name
+        if not p.exists():
+            have = sorted(x.name for x in self.checkpoint_dir.glob("*.pt"))
+            raise CheckpointError(f"checkpoint {name!r} not found; {self.name!r} has: {', '.join(have) or 'none'}")
+        return p
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with ``weights_only=True``; a damaged file gives a CheckpointError
+    naming it."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); it may be truncated or not a mpn-dqn checkpoint") from exc
+    if not isinstance(data, dict) or "learner" not in data or "spec" not in data:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a mpn-dqn checkpoint (missing keys)")
+    return data
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return _json_safe(v.item())
+        except (ValueError, RuntimeError):
+            return None
+    return v

@@ -1,0 +1,189 @@
+"""The single-process runtime: collector, replay buffer and learner in one loop, no Ray.
+
+It is built from exactly the components the Ray runtime distributes, so it is the reference
+for debugging and the deterministic path for tests (``--num-actors 0``).
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import torch
+
+from actors.collector import TrialCollector
+from actors.evaluate import evaluate
+from common.config import TrainConfig
+from common.networks import NetSpec, export_params
+from common.tasks import task_dims
+from driver.experiment import Experiment, load_checkpoint
+from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
+from learner.learner import Learner
+from replay.buffer import TrialBuffer
+
+PUBLISH_EVERY_UPDATES = 10      # single process: actors see new weights every 10 updates
+
+
+def build_spec(cfg: TrainConfig) -> NetSpec:
+    obs_dim, num_actions = task_dims(cfg.env_name, cfg.dt)
+    return NetSpec.from_config(cfg, obs_dim, num_actions)
+
+
+def checkpoint_payload(learner: Learner, spec: NetSpec, cfg: TrainConfig, counters: Counters) -> dict:
+    return {"format": 1, "learner": learner.state_dict(), "spec": spec.to_dict(),
+            "config": cfg.to_dict(), "counters": counters.to_dict()}
+
+
+class Stop:
+    """Ctrl-C sets a flag; the loop saves a final checkpoint and returns cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:            # second Ctrl-C: give up immediately
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nInterrupted: finishing the current step and saving a final checkpoint "
+                  "(Ctrl-C again to abort)...", flush=True)
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:                # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learner, counters: Counters,
+               interrupted: bool, log=print) -> dict:
+    """Final checkpoint, greedy evaluation, summary and plots (shared by both runtimes)."""
+    exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "final_model.pt")
+    summary = {"env_name": cfg.env_name, "dt": cfg.dt, "episodes": counters.episodes,
+               "env_steps": counters.env_steps, "trials": counters.trials, "updates": counters.updates,
+               "wall_time_s": counters.wall_time, "interrupted": interrupted}
+    if cfg.eval_trials > 0 and not interrupted:
+        params = export_params(learner.online)
+        ev = evaluate(spec, params, env_name=cfg.env_name, dt=cfg.dt, num_trials=cfg.eval_trials,
+                      trials_per_episode=cfg.trials_per_episode, seed=cfg.seed)
+        summary["final_eval"] = ev
+        pct = ev["pct_ideal"]
+        log(f"Greedy evaluation over {ev['trials']} trials: accuracy {ev['accuracy']:.3f} "
+            f"± {ev['accuracy_stderr']:.3f}" + (f" ({pct:.1f}% of ideal {ev['ideal_accuracy']:.3f})"
+                                                 if pct is not None else " (no known ideal-observer ceiling)")
+            + f", fixation breaks {ev['fix_break_rate']:.2f} of trials")
+    exp.write_json("summary.json", summary)
+    if cfg.plot_training:
+        from driver.plots import plot_training
+        path = plot_training(exp)
+        log(f"Training curves: {path}")
+    return summary
+
+
+def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = None,
+                target_episodes: int | None = None, log=print) -> dict:
+    """Train in one process.  With ``resume_from`` (a checkpoint path) continue that run."""
+    torch.set_num_threads(1)
+    spec = build_spec(cfg)
+    learner = Learner.from_config(spec, cfg)
+    counters = Counters()
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        learner.load_state_dict(ck["learner"])
+        counters = Counters.from_dict(ck["counters"])
+        log(f"Resumed from {resume_from}: episode {counters.episodes}, {counters.updates} updates")
+    target_episodes = target_episodes or cfg.num_episodes
+    params, version = learner.publish()
+    collector = TrialCollector(cfg.env_name, cfg.dt, spec, params, num_envs=cfg.envs_per_actor,
+                               trials_per_episode=cfg.trials_per_episode,
+                               seed=cfg.seed + 7919 * counters.episodes, actor_id=0,
+                               burn_in_steps=cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0,
+                               weights_version=version)
+    buffer = TrialBuffer(cfg.buffer_size, spec.obs_dim, spec.state_size,
+                         max_burnin=cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0,
+                         seed=cfg.seed + counters.episodes)
+    sample_rng = np.random.default_rng([cfg.seed, counters.updates])
+    win = ReportWindow()
+    next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
+    next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+    bar = ProgressBar(target_episodes, counters.episodes)
+    t_start = time.time()
+    wall0 = counters.wall_time
+    last = {"t": t_start, "env": counters.env_steps, "upd": counters.updates,
+            "train": counters.trial_steps_trained}
+    trials_at_learning_start = None
+    updates_at_learning_start = counters.updates
+    deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+    interrupted = False
+    with Stop() as stop:
+        while counters.episodes < target_episodes:
+            if stop.requested or (deadline is not None and time.time() > deadline):
+                interrupted = stop.requested
+                if deadline is not None and not stop.requested:
+                    log(f"Time limit of {cfg.time_limit_minutes} min reached.")
+                break
+            eps = epsilon_at(counters.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps)
+            collector.epsilon = eps
+            trials, episodes = collector.step()
+            counters.env_steps += collector.K
+            if trials:
+                buffer.add_many(trials)
+                counters.trials += len(trials)
+                win.add_trials(trials, learner.version)
+            if episodes:
+                win.add_episodes(episodes)
+                counters.episodes += len(episodes)
+            # learner: keep the configured samples-per-insert ratio
+            if len(buffer) >= cfg.learning_starts:
+                if trials_at_learning_start is None:
+                    trials_at_learning_start = counters.trials
+                due = updates_at_learning_start + int(
+                    (counters.trials - trials_at_learning_start + cfg.learning_starts)
+                    * cfg.replay_ratio / cfg.trial_batch_size)
+                while counters.updates < due:
+                    batch = buffer.sample(cfg.trial_batch_size, rng=sample_rng)
+                    stats = learner.update(batch)
+                    counters.updates += 1
+                    counters.trial_steps_trained += int(batch.mask.sum())
+                    if counters.updates % 5 == 0:
+                        win.add_learner_stats(stats)
+                    if counters.updates % PUBLISH_EVERY_UPDATES == 0:
+                        params, version = learner.publish()
+                        collector.set_params(params, version)
+            bar.update(counters.episodes)
+            if counters.episodes >= next_report or counters.episodes >= target_episodes:
+                next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
+                now = time.time()
+                dtime = max(1e-9, now - last["t"])
+                counters.wall_time = wall0 + now - t_start
+                rec = make_record(
+                    win, counters, env_name=cfg.env_name, dt=cfg.dt, epsilon=eps,
+                    weights_version=learner.version, elapsed=counters.wall_time,
+                    rate_env=(counters.env_steps - last["env"]) / dtime,
+                    rate_upd=(counters.updates - last["upd"]) / dtime,
+                    rate_train=(counters.trial_steps_trained - last["train"]) / dtime,
+                    replay_size=len(buffer), num_actors=0, extra=learner.plasticity())
+                last = {"t": now, "env": counters.env_steps, "upd": counters.updates,
+                        "train": counters.trial_steps_trained}
+                exp.append_metrics(rec)
+                bar.clear()
+                log(progress_line(rec, target_episodes))
+                if rec["accuracy"] is not None and rec["accuracy"] > counters.best_accuracy \
+                        and counters.updates > 0:
+                    counters.best_accuracy = rec["accuracy"]
+                    exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "best_model.pt")
+                win = ReportWindow()
+            if counters.episodes >= next_ckpt:
+                next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+                counters.wall_time = wall0 + time.time() - t_start
+                exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters),
+                                    f"checkpoint_{counters.episodes}.pt")
+    bar.clear()
+    collector.close()
+    counters.wall_time = wall0 + time.time() - t_start
+    return finish_run(exp, cfg, spec, learner, counters, interrupted, log=log)

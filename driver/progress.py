@@ -1,0 +1,152 @@
+"""Counters, report windows, progress lines and the progress bar (shared by both runtimes)."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.tasks import pct_of_ideal
+
+
+def epsilon_at(env_steps: int, start: float, end: float, decay_steps: int) -> float:
+    """Linear decay by env steps (not episodes), then constant."""
+    frac = min(1.0, env_steps / max(1, decay_steps))
+    return start + (end - start) * frac
+
+
+@dataclass
+class Counters:
+    """Everything a resumed run must continue from (saved in checkpoints)."""
+
+    episodes: int = 0
+    env_steps: int = 0
+    trials: int = 0
+    updates: int = 0
+    trial_steps_trained: int = 0
+    best_accuracy: float = -1.0
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Counters":
+        c = cls()
+        for k, v in d.items():
+            if hasattr(c, k):
+                setattr(c, k, type(getattr(c, k))(v))
+        return c
+
+
+@dataclass
+class ReportWindow:
+    """Aggregates trials, episodes and learner stats between two reports."""
+
+    correct: int = 0
+    trials: int = 0
+    trial_steps: int = 0
+    fix_break_trials: int = 0
+    ep_rewards: list = field(default_factory=list)
+    ep_lengths: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    q_means: list = field(default_factory=list)
+    td_abs: list = field(default_factory=list)
+    lags: list = field(default_factory=list)
+
+    def add_trials(self, trials, current_version: int | None = None) -> None:
+        for t in trials:
+            self.correct += int(t.correct)
+            self.trials += 1
+            self.trial_steps += t.length
+            self.fix_break_trials += int(t.fix_breaks > 0)
+            if current_version is not None:
+                self.lags.append(current_version - t.weights_version)
+
+    def add_episodes(self, episodes) -> None:
+        for e in episodes:
+            self.ep_rewards.append(e.reward)
+            self.ep_lengths.append(e.steps)
+
+    def add_learner_stats(self, stats: dict) -> None:
+        if "loss" in stats:
+            self.losses.append(float(stats["loss"]))
+        if "q_mean" in stats:
+            self.q_means.append(float(stats["q_mean"]))
+        if "td_abs" in stats:
+            self.td_abs.append(float(stats["td_abs"]))
+
+
+def _mean(xs):
+    return float(np.mean(xs)) if len(xs) else None
+
+
+def make_record(win: ReportWindow, c: Counters, *, env_name: str, dt: int, epsilon: float,
+                weights_version: int, elapsed: float, rate_env: float, rate_upd: float,
+                rate_train: float, replay_size: int, num_actors: int, extra: dict | None = None) -> dict:
+    acc = win.correct / win.trials if win.trials else None
+    rec = {
+        "episode": c.episodes, "env_steps": c.env_steps, "trials": c.trials,
+        "reward": _mean(win.ep_rewards), "episode_len": _mean(win.ep_lengths),
+        "accuracy": acc, "pct_ideal": pct_of_ideal(acc, env_name, dt),
+        "fix_break_rate": (win.fix_break_trials / win.trials) if win.trials else None,
+        "loss": _mean(win.losses), "q_mean": _mean(win.q_means), "td_abs": _mean(win.td_abs),
+        "epsilon": epsilon, "updates": c.updates, "weights_version": weights_version,
+        "policy_lag": _mean(win.lags), "env_steps_per_s": rate_env, "updates_per_s": rate_upd,
+        "trial_steps_trained_per_s": rate_train, "replay_size": replay_size,
+        "num_actors": num_actors, "wall_time": elapsed,
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def _fmt(v, spec: str, none: str = "   -") -> str:
+    return none if v is None else format(v, spec)
+
+
+def progress_line(rec: dict, num_episodes: int) -> str:
+    """The seed's line, extended: ``Ep 100/1000 | Reward | Len | Loss | ε | Trials | Acc ...``."""
+    width = len(str(num_episodes))
+    pct = rec.get("pct_ideal")
+    return (f"Ep {rec['episode']:>{width}}/{num_episodes} | Reward: {_fmt(rec['reward'], '7.2f')} | "
+            f"Len: {_fmt(rec['episode_len'], '5.0f')} | Loss: {_fmt(rec['loss'], '.4f', '     -')} | "
+            f"ε: {rec['epsilon']:.3f} | Trials: {rec['trials']:>6} | "
+            f"Acc: {_fmt(rec['accuracy'], '.3f', '    -')} ({_fmt(pct, '5.1f', '  -')}% ideal) | "
+            f"FixBrk: {_fmt(rec['fix_break_rate'], '.2f', '  -')} | "
+            f"{rec['env_steps_per_s']:7.0f} env st/s | {rec['updates_per_s']:5.1f} upd/s | "
+            f"lag: {_fmt(rec['policy_lag'], '.1f', '-')}")
+
+
+class ProgressBar:
+    """A one-line bar with ETA on stderr (only when stderr is a terminal, or when forced)."""
+
+    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool | None = None):
+        self.total = total
+        self.start_value = start
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.t0 = time.time()
+        self.last = 0.0
+
+    def update(self, value: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        frac = min(1.0, value / max(1, self.total))
+        done = value - self.start_value
+        rate = done / max(1e-9, now - self.t0)
+        eta = (self.total - value) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        eta_s = "--:--" if eta == float("inf") else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
+        self.stream.write(f"\r[{bar}] {value}/{self.total} episodes  ETA {eta_s} ")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 80 + "\r")
+            self.stream.flush()

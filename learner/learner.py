@@ -1,0 +1,150 @@
+"""The learner: online and target Q-networks, Adam, and one TD update per sampled batch.
+
+A plain class (no Ray): the single-process runtime, the Ray learner actor, the benchmarks and
+the GPU checks all drive this same object.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from common.networks import NetSpec, QNetwork, export_params
+from learner.loss import TensorBatch, td_loss
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available (e.g. --device cuda on a machine without a GPU)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but no CUDA GPU is visible to torch; "
+                          "use --device cpu or --device auto")
+    if name not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {name!r}; use auto, cuda or cpu")
+    return torch.device(name)
+
+
+class Learner:
+    """Owns the networks and the optimiser; ``update(batch)`` does one double-DQN step.
+
+    Args:
+        spec: the network.
+        gamma, n_step, huber_delta, chunk_size: the TD loss (see :func:`learner.loss.td_loss`).
+        lr, grad_clip: Adam and the gradient norm clip (0: none).
+        target_update: "hard" (copy every ``target_update_period`` updates) or "polyak" (τ).
+        replay_init: "zero", "stored" or "burn-in" — which start state replay uses.
+    """
+
+    def __init__(self, spec: NetSpec, *, gamma: float, n_step: int = 5, lr: float = 1e-3,
+                 huber_delta: float = 1.0, chunk_size: int | None = None, grad_clip: float = 10.0,
+                 target_update: str = "hard", target_update_period: int = 250,
+                 polyak_tau: float = 0.005, replay_init: str = "stored", device: str = "cpu",
+                 seed: int = 0):
+        if replay_init not in ("zero", "stored", "burn-in"):
+            raise ValueError(f"replay_init must be zero, stored or burn-in; got {replay_init!r}")
+        if target_update not in ("hard", "polyak"):
+            raise ValueError(f"target_update must be hard or polyak; got {target_update!r}")
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.gamma, self.n_step, self.huber_delta = float(gamma), int(n_step), float(huber_delta)
+        self.chunk_size = chunk_size
+        self.grad_clip = float(grad_clip)
+        self.target_update, self.target_update_period = target_update, int(target_update_period)
+        self.polyak_tau = float(polyak_tau)
+        self.replay_init = replay_init
+        torch.manual_seed(seed)
+        self.online = QNetwork(spec).to(self.device)
+        self.target = copy.deepcopy(self.online)
+        self.target.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=lr)
+        self.updates = 0
+        self.version = 0               # bumped each time weights are published
+
+    @classmethod
+    def from_config(cls, spec: NetSpec, cfg) -> "Learner":
+        return cls(spec, gamma=cfg.effective_gamma, n_step=cfg.n_step, lr=cfg.lr,
+                   huber_delta=cfg.huber_delta, chunk_size=cfg.bptt_chunk_size,
+                   grad_clip=cfg.grad_clip, target_update=cfg.target_update,
+                   target_update_period=cfg.target_update_period, polyak_tau=cfg.polyak_tau,
+                   replay_init=cfg.replay_init, device=cfg.device, seed=cfg.seed)
+
+    # -- batches ---------------------------------------------------------------------------
+    def to_tensors(self, batch) -> TensorBatch:
+        """``replay.TrialBatch`` (numpy) -> :class:`TensorBatch` on the device, applying
+        ``replay_init``."""
+        dev = self.device
+
+        def t(a, dtype=None):
+            x = torch.from_numpy(np.ascontiguousarray(a))
+            return x.to(dev, dtype=dtype, non_blocking=True)
+
+        init = t(batch.init_state, torch.float32)
+        if self.replay_init == "zero":
+            init = torch.zeros_like(init)
+        tb = TensorBatch(obs=t(batch.obs, torch.float32), actions=t(batch.actions, torch.long),
+                         rewards=t(batch.rewards, torch.float32), mask=t(batch.mask, torch.bool),
+                         init_state=init)
+        if self.replay_init == "burn-in" and batch.burnin_obs.shape[1] > 0:
+            tb.burnin_obs = t(batch.burnin_obs, torch.float32)
+            tb.burnin_mask = t(batch.burnin_mask, torch.bool)
+            tb.burnin_state = t(batch.burnin_state, torch.float32)
+            # trials without a predecessor in their episode start from zero (episode start)
+        return tb
+
+    # -- the update --------------------------------------------------------------------------
+    def update(self, batch) -> dict:
+        """One TD update on a ``replay.TrialBatch`` (or a :class:`TensorBatch`)."""
+        tb = batch if isinstance(batch, TensorBatch) else self.to_tensors(batch)
+        self.online.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = td_loss(self.online, self.target, tb, gamma=self.gamma, n_step=self.n_step,
+                              huber_delta=self.huber_delta, chunk_size=self.chunk_size,
+                              backward=True)
+        if self.grad_clip > 0:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        self._update_target()
+        stats["loss"] = loss
+        return stats
+
+    def _update_target(self) -> None:
+        if self.target_update == "hard":
+            if self.updates % self.target_update_period == 0:
+                self.target.load_state_dict(self.online.state_dict())
+        else:
+            with torch.no_grad():
+                for pt, po in zip(self.target.parameters(), self.online.parameters()):
+                    pt.lerp_(po, self.polyak_tau)
+                for bt, bo in zip(self.target.buffers(), self.online.buffers()):
+                    bt.copy_(bo)
+
+    # -- weights -----------------------------------------------------------------------------
+    def publish(self) -> tuple[dict[str, np.ndarray], int]:
+        """Bump the weights version and return (numpy params, version) for the actors."""
+        self.version += 1
+        return export_params(self.online), self.version
+
+    def plasticity(self) -> dict:
+        if self.spec.core != "mpn":
+            return {}
+        eta, lam = self.online.core.plasticity()
+        return {"eta": float(eta), "lambda": float(lam)}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"online": self.online.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates,
+                "version": self.version}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.online.load_state_dict(d["online"])
+        self.target.load_state_dict(d["target"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.updates = int(d["updates"])
+        self.version = int(d["version"])

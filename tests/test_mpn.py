@@ -1,0 +1,113 @@
+"""The MPN and the other cores: torch and numpy agree, and the network can read M at x = 0."""
+import numpy as np
+import pytest
+import torch
+
+from common.mpn import MPNCore, mpn_step_numpy
+from common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
+
+torch.set_num_threads(1)
+
+
+def _random_net(spec: NetSpec, seed: int = 0) -> QNetwork:
+    torch.manual_seed(seed)
+    net = QNetwork(spec)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize("core,learn,dueling", [("mpn", False, False), ("mpn", True, True),
+                                                ("gru", False, False), ("lstm", False, True)])
+def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling):
+    spec = NetSpec(core=core, obs_dim=4, num_actions=3, hidden_dim=16, eta=0.3, lambda_decay=0.9,
+                   learn_plasticity=learn, lambda_max=0.95, dueling=dueling)
+    net = _random_net(spec)
+    rng = np.random.default_rng(1)
+    K, T = 5, 40
+    obs = rng.normal(size=(K, T, 4)).astype(np.float32)
+    obs[:, 10:14] = 0.0                                   # zero observations, as at decision time
+    reset = rng.random((K, T)) < 0.08                     # episode boundaries at random steps
+    with torch.no_grad():
+        q_torch, _ = net(torch.from_numpy(obs), net.initial_state(K), reset=torch.from_numpy(reset))
+    pol = NumpyPolicy(spec, export_params(net))
+    state = np.zeros((K, spec.state_size), np.float32)
+    q_np = np.zeros((K, T, 3), np.float32)
+    for t in range(T):
+        state[reset[:, t]] = 0.0
+        q_np[:, t] = pol.step(obs[:, t], state)
+    np.testing.assert_allclose(q_np, q_torch.numpy(), atol=1e-5, rtol=0)
+
+
+def test_step_matches_the_formula_written_out():
+    """h = tanh(b + (W ⊙ (1 + M)) x̃),  M' = λ M + η h x̃ᵀ  — checked elementwise, M stored [I,H]."""
+    rng = np.random.default_rng(0)
+    I, H = 3, 4
+    W = rng.normal(size=(H, I)).astype(np.float32)
+    b = rng.normal(size=H).astype(np.float32)
+    M_hi = rng.normal(size=(H, I)).astype(np.float32)          # the paper's layout
+    x = rng.normal(size=I).astype(np.float32)
+    eta, lam = 0.2, 0.7
+    h_ref = np.tanh(b + (W * (1 + M_hi)) @ x)
+    M_ref = lam * M_hi + eta * np.outer(h_ref, x)
+    M = np.ascontiguousarray(M_hi.T)[None].copy()              # stored [1, I, H]
+    h = mpn_step_numpy(x[None], M, np.ascontiguousarray(W.T), b, eta, lam)
+    np.testing.assert_allclose(h[0], h_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(M[0].T, M_ref, rtol=1e-5, atol=1e-6)
+
+
+def _q_at_zero_after(net: QNetwork, stimulus: np.ndarray, zeros: int = 3) -> np.ndarray:
+    seq = np.concatenate([stimulus, np.zeros((zeros, stimulus.shape[1]), np.float32)])[None]
+    with torch.no_grad():
+        q, _ = net(torch.from_numpy(seq), net.initial_state(1))
+    return q[0, -1].numpy()
+
+
+def test_q_at_zero_observation_depends_on_earlier_stimulus():
+    spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=32, input_bias=1.0)
+    net = _random_net(spec)
+    left = np.tile(np.array([[1.0, 1.0, 0.0]], np.float32), (5, 1))
+    right = np.tile(np.array([[1.0, 0.0, 1.0]], np.float32), (5, 1))
+    diff = np.abs(_q_at_zero_after(net, left) - _q_at_zero_after(net, right)).max()
+    assert diff > 1e-3, "with the constant channel, M must be readable at a zero observation"
+
+
+def test_without_constant_channel_the_network_is_blind_at_zero_observation():
+    spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=32, input_bias=0.0)
+    net = _random_net(spec)
+    left = np.tile(np.array([[1.0, 1.0, 0.0]], np.float32), (5, 1))
+    right = np.tile(np.array([[1.0, 0.0, 1.0]], np.float32), (5, 1))
+    np.testing.assert_array_equal(_q_at_zero_after(net, left), _q_at_zero_after(net, right))
+
+
+def test_learnable_lambda_stays_in_range_and_eta_may_be_negative():
+    core = MPNCore(3, 8, eta=-0.5, lambda_decay=0.9, learn_plasticity=True, lambda_max=0.95)
+    with torch.no_grad():
+        core.lambda_logit.fill_(50.0)
+    eta, lam = core.plasticity()
+    assert float(eta) == pytest.approx(-0.5)
+    assert 0.0 <= float(lam) <= 0.95
+    with torch.no_grad():
+        core.lambda_logit.fill_(-50.0)
+    assert 0.0 <= float(core.plasticity()[1]) <= 0.95
+    assert {n for n, _ in core.named_parameters()} == {"W", "b", "eta_param", "lambda_logit"}
+
+
+def test_fixed_plasticity_is_not_a_parameter():
+    core = MPNCore(3, 8, eta=0.1, lambda_decay=0.95)
+    assert {n for n, _ in core.named_parameters()} == {"W", "b"}
+    eta, lam = core.plasticity()
+    assert float(eta) == pytest.approx(0.1) and float(lam) == pytest.approx(0.95)
+
+
+def test_masked_steps_leave_the_state_unchanged():
+    spec = NetSpec(core="mpn", obs_dim=2, num_actions=2, hidden_dim=8)
+    net = _random_net(spec)
+    x = torch.randn(2, 6, 2)
+    mask = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    s0 = torch.randn(2, spec.state_size) * 0.1
+    with torch.no_grad():
+        _, s_masked = net(x, s0, mask=mask)
+        _, s_tail = net(x[:1, 2:], s0[:1])
+    torch.testing.assert_close(s_masked[:1], s_tail, rtol=1e-6, atol=1e-6)
