@@ -65,6 +65,7 @@ class MPNCore(nn.Module):
     """Batched torch MPN.  ``forward(obs [B,T,O], state [B,I*H]) -> (h [B,T,H], state)``."""
 
     kind = "mpn"
+    use_scan = True     # the fused sequence op (MPNScan) for unmasked sequences; the loop is the reference
 
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
                  learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0):
@@ -105,6 +106,9 @@ class MPNCore(nn.Module):
         M = state.view(B, self.in_dim, self.hidden_dim)                 # [B,I,H]
         Wt = self.W.t()                                                 # [I,H]
         eta, lam = self.plasticity()
+        if mask is None and reset is None and self.use_scan:
+            hs, M = mpn_scan(x, M, Wt, self.b, eta, lam)                # same maths, fused backward
+            return hs, M.reshape(B, self.state_size)
         xw = x @ Wt + self.b                                            # [B,T,H]: b + W x̃ (the "1 ⊙" part)
         hs = []
         for t in range(T):
@@ -141,3 +145,74 @@ def mpn_step_numpy(x: np.ndarray, M: np.ndarray, Wt: np.ndarray, b: np.ndarray, 
     work *= eta
     M += work
     return h
+
+
+class MPNScan(torch.autograd.Function):
+    """The MPN recurrence over a whole sequence with a hand-written backward.
+
+    Same maths as the step loop in :meth:`MPNCore.forward` (no masks, no resets — the learner's
+    training path), but autograd records one node instead of ~8 per step, and the backward
+    is the recurrence written out (M stored ``[B,I,H]``, so every op is row-local):
+
+        gh_t   = ∂L/∂h_t + η · Σ_i x̃_{t,i} gM_t[i,:]              (h_t also feeds M_t)
+        ga_t   = gh_t ⊙ (1 - h_t²)
+        gM_{t-1} = λ · gM_t + x̃_t ⊗ (ga_t ⊙ Wᵀ-row)               (M_{t-1} feeds a_t and M_t)
+        ∂W[h,i] = Σ_{b,t} ga_t[h] x̃_{t,i} (1 + M_{t-1}[i,h]);  ∂b = Σ ga;  ∂η = Σ gM_t ⊙ x̃_t h_tᵀ;
+        ∂λ = Σ gM_t ⊙ M_{t-1}
+
+    Inputs: x [B,T,I] (augmented), M0 [B,I,H], Wt [I,H], b [H], eta, lam (0-d).
+    Outputs: h [B,T,H], M_T [B,I,H].
+    """
+
+    @staticmethod
+    def forward(ctx, x, M0, Wt, b, eta, lam):
+        B, T, I = x.shape
+        H = Wt.shape[1]
+        xs = x.transpose(0, 1).contiguous()    # time-major [T,B,I]: every per-step slice contiguous
+        Ms = x.new_empty(T, B, I, H)           # M_{t-1} for each step (needed by the backward)
+        hs = x.new_empty(T, B, H)
+        xw = torch.addmm(b, xs.view(T * B, I), Wt).view(T, B, H)
+        M = M0.contiguous()
+        for t in range(T):
+            Ms[t] = M
+            xt = xs[t]
+            pre = torch.baddbmm(xw[t].unsqueeze(1), xt.unsqueeze(1), M * Wt).squeeze(1)
+            h = torch.tanh(pre, out=hs[t])
+            M = (M * lam).addcmul_(xt.unsqueeze(2) * eta, h.unsqueeze(1))
+        ctx.save_for_backward(xs, Ms, hs, Wt, eta, lam)
+        return hs.transpose(0, 1), M
+
+    @staticmethod
+    def backward(ctx, g_h, g_MT):
+        xs, Ms, hs, Wt, eta, lam = ctx.saved_tensors
+        T, B, I = xs.shape
+        H = Wt.shape[1]
+        g_hs = g_h.transpose(0, 1)
+        gM = g_MT.clone() if g_MT is not None else xs.new_zeros(B, I, H)
+        ga_all = torch.empty_like(hs)
+        g_eta = xs.new_zeros(())
+        g_lam = xs.new_zeros(())
+        need_eta, need_lam = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        for t in range(T - 1, -1, -1):
+            xt, ht = xs[t], hs[t]
+            xgM = torch.bmm(xt.unsqueeze(1), gM).squeeze(1)               # Σ_i x_i gM[i,:]  [B,H]
+            if need_eta:
+                g_eta += (xgM * ht).sum()                                  # Σ gM ⊙ x hᵀ
+            if need_lam:
+                g_lam += (gM * Ms[t]).sum()
+            ga = torch.addcmul(g_hs[t], xgM, eta)                          # gh = ∂L/∂h + η Σ_i x_i gM
+            ga.mul_(1 - ht * ht)
+            ga_all[t] = ga
+            gM = (gM * lam).addcmul_(xt.unsqueeze(2), ga.unsqueeze(1) * Wt)
+        # ∂Wt[i,h] = Σ_{t,b} x[i] ga[h] (1 + M_{t-1}[i,h])
+        xf = xs.view(T * B, I)
+        gaf = ga_all.view(T * B, H)
+        g_Wt = xf.t() @ gaf + (torch.bmm(xf.unsqueeze(2), gaf.unsqueeze(1)) * Ms.view(T * B, I, H)).sum(0)
+        g_b = gaf.sum(0)
+        return None, gM, g_Wt, g_b, (g_eta if need_eta else None), (g_lam if need_lam else None)
+
+
+def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tensor,
+             eta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused MPN sequence (see :class:`MPNScan`). x [B,T,I], M0 [B,I,H] -> (h [B,T,H], M_T)."""
+    return MPNScan.apply(x, M0, Wt, b, eta, lam)

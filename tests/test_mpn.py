@@ -111,3 +111,23 @@ def test_masked_steps_leave_the_state_unchanged():
         _, s_masked = net(x, s0, mask=mask)
         _, s_tail = net(x[:1, 2:], s0[:1])
     torch.testing.assert_close(s_masked[:1], s_tail, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
+    torch.manual_seed(0)
+    core = MPNCore(3, 10, eta=0.3, lambda_decay=0.8, learn_plasticity=learn).double()
+    x = torch.randn(4, 15, 3, dtype=torch.float64)
+    s0 = (0.2 * torch.randn(4, core.state_size, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(4, 15, 10, dtype=torch.float64)
+    wM = torch.randn(4, core.state_size, dtype=torch.float64)
+    grads = {}
+    for use_scan in (True, False):
+        core.use_scan = use_scan
+        core.zero_grad()
+        s0.grad = None
+        h, sT = core(x, s0)
+        ((h * w).sum() + (sT * wM).sum()).backward()
+        grads[use_scan] = [h.detach(), sT.detach(), s0.grad.clone()] + [p.grad.clone() for p in core.parameters()]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
