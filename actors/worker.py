@@ -1,0 +1,117 @@
+"""The actor role for the distributed runtime: a :class:`TrialCollector` that ships trials.
+
+Plain class; ``driver/distributed.py`` wraps it with ``ray.remote``.  Everything it sends
+(trials to the replay server, summaries to the driver) is msgpack; weights arrive as msgpack
+bytes via one ``ray.put`` per version.
+"""
+from __future__ import annotations
+
+import time
+
+import msgpack
+import torch
+
+from actors.collector import TrialCollector
+from common.codec import decode_params, encode_trials
+from common.config import TrainConfig
+from common.networks import NetSpec
+from driver.progress import epsilon_at
+
+
+def actor_epsilon(base: float, actor_id: int, num_actors: int, alpha: float = 1.0) -> float:
+    """Ape-X style: actor i explores with ``base ** (1 + alpha * i / (N - 1))`` (actor 0 uses
+    the schedule itself, the others explore less)."""
+    if num_actors <= 1 or base <= 0:
+        return base
+    return base ** (1.0 + alpha * actor_id / (num_actors - 1))
+
+
+class ActorWorker:
+    def __init__(self, cfg: dict, spec: dict, actor_id: int, num_actors: int, replay, params_msg: bytes,
+                 seed_offset: int = 0):
+        torch.set_num_threads(1)
+        self.cfg = TrainConfig.from_dict(cfg)
+        self.spec = NetSpec(**spec)
+        self.actor_id, self.num_actors = actor_id, num_actors
+        self.replay = replay
+        params, version = decode_params(params_msg)
+        c = self.cfg
+        self.collector = TrialCollector(
+            c.env_name, c.dt, self.spec, params, num_envs=c.envs_per_actor,
+            trials_per_episode=c.trials_per_episode, seed=c.seed + seed_offset, actor_id=actor_id,
+            burn_in_steps=c.burn_in_steps if c.replay_init == "burn-in" else 0, weights_version=version)
+        self.pending: list[bytes] = []
+        self.blocked_s = 0.0
+        self.inserted = 0
+        self.rejected = 0
+
+    @property
+    def weights_version(self) -> int:
+        return self.collector.weights_version
+
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    def _flush(self, deadline: float) -> None:
+        import ray
+        while self.pending:
+            res = ray.get(self.replay.insert.remote(self.pending[0]))
+            if res["status"] == "retry":
+                if time.time() > deadline:
+                    return                      # keep it pending; the driver calls again
+                t0 = time.time()
+                time.sleep(0.005)
+                self.blocked_s += time.time() - t0
+                continue
+            if res["status"] == "rejected":
+                self.rejected += 1
+            else:
+                self.inserted += res["accepted"]
+            self.pending.pop(0)
+
+    def run_chunk(self, global_env_steps: int, weights: list | None = None, seconds: float = 0.25) -> bytes:
+        """Act for about ``seconds``; ship completed trials; return a msgpack summary.
+
+        ``weights``: ``[version, [ref]]`` of the newest published weights, or None.  The ref is
+        fetched only when its version is newer than the one acting.
+        """
+        import ray
+        if weights is not None and int(weights[0]) > self.collector.weights_version:
+            params, version = decode_params(ray.get(weights[1][0]))
+            self.collector.set_params(params, version)
+        c = self.cfg
+        base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps)
+        self.collector.epsilon = actor_epsilon(base, self.actor_id, self.num_actors)
+        t_end = time.time() + seconds
+        summaries, episodes = [], []
+        steps0, blocked0 = self.collector.env_steps, self.blocked_s
+        self._flush(t_end)
+        trials = []
+        while time.time() < t_end and not self.pending:
+            for _ in range(16):
+                t, e = self.collector.step()
+                trials.extend(t)
+                episodes.extend(e)
+            if len(trials) >= 2 * self.collector.K:       # ship in batches of trials
+                self.pending.append(encode_trials(trials))
+                summaries.extend(_trial_summaries(trials))
+                trials = []
+                self._flush(t_end)
+        if trials:
+            self.pending.append(encode_trials(trials))
+            summaries.extend(_trial_summaries(trials))
+            self._flush(t_end)
+        out = {"actor_id": self.actor_id, "env_steps": self.collector.env_steps - steps0,
+               "trials": summaries,
+               "episodes": [[e.steps, e.reward, e.trials, e.correct] for e in episodes],
+               "weights_version": self.collector.weights_version, "epsilon": self.collector.epsilon,
+               "blocked_s": self.blocked_s - blocked0, "pending": len(self.pending),
+               "rejected": self.rejected}
+        return msgpack.packb(out, use_bin_type=True)
+
+
+def _trial_summaries(trials) -> list:
+    """[correct, length, fix_breaks>0, weights_version, reward] per trial."""
+    return [[int(t.correct), t.length, int(t.fix_breaks > 0), t.weights_version, t.total_reward]
+            for t in trials]
