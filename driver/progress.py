@@ -64,6 +64,16 @@ class ReportWindow:
             if current_version is not None:
                 self.lags.append(current_version - t.weights_version)
 
+    def add_trial_summaries(self, rows, current_version: int | None = None) -> None:
+        """Rows ``[correct, length, fix_break, weights_version, reward]`` (actor summaries)."""
+        for correct, length, brk, version, _reward in rows:
+            self.correct += int(correct)
+            self.trials += 1
+            self.trial_steps += int(length)
+            self.fix_break_trials += int(brk)
+            if current_version is not None:
+                self.lags.append(current_version - int(version))
+
     def add_episodes(self, episodes) -> None:
         for e in episodes:
             self.ep_rewards.append(e.reward)

@@ -1,0 +1,140 @@
+"""The learner role for the distributed runtime: a :class:`Learner` fed by a prefetch thread.
+
+Plain class; ``driver/distributed.py`` wraps it with ``ray.remote`` (threaded, so ``status``
+answers while training runs).  One thread pulls msgpack batches from the replay server and
+decodes them into a small queue while the training thread computes (prefetch); weights are
+published every ``publish_period`` updates as msgpack bytes with one ``ray.put`` per version.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import threading
+import time
+
+import msgpack
+import torch
+
+from common.codec import encode_params
+from common.config import TrainConfig
+from common.networks import NetSpec
+from learner.learner import Learner
+from replay.wire import decode_batch
+
+
+class LearnerWorker:
+    def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
+                 publish_period: int = 10, prefetch: int = 2):
+        torch.set_num_threads(1)
+        self.cfg = TrainConfig.from_dict(cfg)
+        self.spec = NetSpec(**spec)
+        self.replay = replay
+        self.learner = Learner.from_config(self.spec, self.cfg)
+        if checkpoint is not None:
+            ck = torch.load(io.BytesIO(checkpoint), map_location=self.learner.device, weights_only=True)
+            self.learner.load_state_dict(ck)
+        self.publish_period = publish_period
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()            # guards the reporting fields
+        self.update_lock = threading.Lock()     # held while the weights change
+        self.latest: list | None = None
+        self.idle_s = 0.0
+        self.busy_s = 0.0
+        self.trial_steps = 0
+        self.recent: list[dict] = []
+        self.error: str | None = None
+        self.threads: list[threading.Thread] = []
+        self._publish()
+
+    # -- weights -----------------------------------------------------------------------------
+    def _publish(self) -> None:
+        import ray
+        params, version = self.learner.publish()
+        ref = ray.put(encode_params(params, version))          # one put per version
+        with self.lock:
+            self.latest = [version, [ref]]
+
+    def latest_weights(self) -> list | None:
+        """``[version, [ref]]`` (the ref wrapped in a list so Ray does not resolve it)."""
+        with self.lock:
+            return self.latest
+
+    # -- threads -----------------------------------------------------------------------------
+    def start(self) -> bool:
+        if self.threads:
+            return True
+        for target in (self._prefetch_loop, self._train_loop):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self.threads.append(t)
+        return True
+
+    def _prefetch_loop(self) -> None:
+        import ray
+        B = self.cfg.trial_batch_size
+        try:
+            while not self.stop_flag.is_set():
+                payload = ray.get(self.replay.sample.remote(B))
+                if payload is None:                           # rate limiter: wait for actors
+                    time.sleep(0.002)
+                    continue
+                batch = decode_batch(payload, self.spec.obs_dim, self.spec.state_size)
+                while not self.stop_flag.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as exc:  # noqa: BLE001 - reported through status()
+            self.error = f"prefetch: {type(exc).__name__}: {exc}"
+
+    def _train_loop(self) -> None:
+        try:
+            while not self.stop_flag.is_set():
+                t0 = time.time()
+                try:
+                    batch = self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    self.idle_s += time.time() - t0
+                    continue
+                t1 = time.time()
+                self.idle_s += t1 - t0
+                with self.update_lock:
+                    stats = self.learner.update(batch)
+                steps = int(batch.mask.sum())
+                self.busy_s += time.time() - t1
+                with self.lock:
+                    self.trial_steps += steps
+                    if self.learner.updates % 5 == 0:
+                        self.recent.append({k: float(v) for k, v in stats.items()})
+                        self.recent = self.recent[-200:]
+                if self.learner.updates % self.publish_period == 0:
+                    with self.update_lock:
+                        self._publish()
+        except Exception as exc:  # noqa: BLE001
+            self.error = f"train: {type(exc).__name__}: {exc}"
+
+    def stop(self) -> bool:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        return True
+
+    # -- reporting -----------------------------------------------------------------------------
+    def status(self) -> bytes:
+        """msgpack: updates, version, trial_steps, idle/busy seconds, recent loss stats."""
+        with self.lock:
+            recent, self.recent = self.recent, []
+            out = {"updates": self.learner.updates, "version": self.learner.version,
+                   "trial_steps": self.trial_steps, "idle_s": self.idle_s, "busy_s": self.busy_s,
+                   "recent": recent, "error": self.error, "device": str(self.learner.device),
+                   **self.learner.plasticity()}
+        return msgpack.packb(out, use_bin_type=True)
+
+    def checkpoint_bytes(self) -> bytes:
+        """The learner's state dict as torch.save bytes (loaded with weights_only=True)."""
+        with self.update_lock:
+            buf = io.BytesIO()
+            torch.save(self.learner.state_dict(), buf)
+        return buf.getvalue()
