@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpn-dqn", allow_abbrev=False,
                 description="MPN-DQN on NeuroGym tasks: distributed actor-learner training on Ray.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p.command_parsers = sub.choices      # name -> subparser (for errors about its options)
 
     t = sub.add_parser("train-neurogym", allow_abbrev=False,
                        help="train an agent on a NeuroGym task",
@@ -149,6 +150,9 @@ def cmd_render(ns) -> int:
     _positive("--fps", ns.fps, allow_none=False)
     if not ns.output.lower().endswith(".gif"):
         raise UsageError(f"render: --output must end in .gif, got {ns.output!r}")
+    out_dir = os.path.dirname(os.path.abspath(ns.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"render: the directory of --output {ns.output!r} does not exist")
     exp = _open(ns)
     from driver.commands import run_render
     run_render(exp, output=ns.output, checkpoint=ns.checkpoint, seed=ns.seed,
@@ -171,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     parser = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        ns, extras = parser.parse_known_args(argv)
+        if extras:
+            # Report unknown options from the command's own parser, so that a misspelt option
+            # gets a close match among that command's options (the top-level parser has none).
+            owner = parser.command_parsers.get(getattr(ns, "command", None), parser)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
         if ns.command is None:
             parser.print_help()
             return EXIT_USAGE

@@ -8,8 +8,9 @@ wraps them with ``ray.remote`` and moves msgpack bytes between them:
     actors/learner --(summaries/status, msgpack)--> driver --> metrics.jsonl, progress, checkpoints
 
 With no ``--address`` (and no RAY_ADDRESS) an embedded local Ray is started on 127.0.0.1
-(dashboard on 127.0.0.1 only) and shut down at the end; otherwise the driver joins the
-cluster and leaves it running.
+and shut down at the end; otherwise the driver joins the cluster and leaves it running.
+Placement: actors use Ray's SPREAD strategy, so they are spread over the cluster's nodes; the
+learner asks for one GPU when the cluster has one (``--device auto``) or must (``cuda``).
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ import msgpack
 import torch
 
 from common.config import TrainConfig
-from common.networks import NetSpec
 from driver.experiment import Experiment, load_checkpoint
-from driver.local import Stop, build_spec, checkpoint_payload, finish_run
+from driver.local import Stop, build_spec, finish_run
 from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
 from learner.learner import Learner
 
@@ -37,6 +37,11 @@ class ClusterError(RuntimeError):
     """The cluster cannot run this job as configured (e.g. not enough CPUs for the actors)."""
 
 
+def worker_env() -> dict:
+    return {"env_vars": {"PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                         "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}}
+
+
 def init_ray(cfg: TrainConfig, log=print) -> bool:
     """Start an embedded Ray or join ``--address``/RAY_ADDRESS.  Returns True if started here."""
     import ray
@@ -44,9 +49,7 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         return False
     logging.getLogger("ray").setLevel(logging.ERROR)     # keep Ray's start-up chatter off the progress
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}}
-    common = dict(logging_level=logging.WARNING, log_to_driver=False, runtime_env=env)
+    common = dict(logging_level=logging.WARNING, log_to_driver=False, runtime_env=worker_env())
     if address:
         log(f"Joining Ray cluster at {address}")
         ray.init(address=address, **common)
@@ -55,17 +58,6 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         ray.init(num_cpus=ncpu, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                  include_dashboard=False, **common)
     return True
-
-
-def _remote_classes(learner_gpus: float):
-    import ray
-    from actors.worker import ActorWorker
-    from learner.worker import LearnerWorker
-    from replay.server import ReplayServer
-    replay_cls = ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer)
-    learner_cls = ray.remote(num_cpus=1, num_gpus=learner_gpus, max_concurrency=4)(LearnerWorker)
-    actor_cls = ray.remote(num_cpus=1)(ActorWorker)
-    return replay_cls, learner_cls, actor_cls
 
 
 def _learner_gpus(cfg: TrainConfig) -> float:
@@ -94,139 +86,196 @@ def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | N
     torch.set_num_threads(1)
     started = init_ray(cfg, log)
     try:
-        return _run(cfg, exp, resume_from, target_episodes or cfg.num_episodes, log)
+        trainer = DistributedTrainer(cfg, exp, resume_from=resume_from,
+                                     target_episodes=target_episodes or cfg.num_episodes, log=log)
+        return trainer.run()
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(cfg: TrainConfig, exp: Experiment, resume_from, target_episodes: int, log) -> dict:
-    import ray
-    spec = build_spec(cfg)
-    check_capacity(cfg.num_actors)
-    replay_cls, learner_cls, actor_cls = _remote_classes(_learner_gpus(cfg))
-    counters = Counters()
-    ck_bytes = None
-    if resume_from is not None:
-        ck = load_checkpoint(resume_from)
-        counters = Counters.from_dict(ck["counters"])
-        buf = io.BytesIO()
-        torch.save(ck["learner"], buf)
-        ck_bytes = buf.getvalue()
-        log(f"Resumed from {resume_from}: episode {counters.episodes}, {counters.updates} updates")
-    cfg_d, spec_d = cfg.to_dict(), spec.to_dict()
-    burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
-    schema = {"obs_dim": spec.obs_dim, "state_size": spec.state_size, "num_actions": spec.num_actions,
-              "max_burnin": max(burn, 0)}
-    replay = replay_cls.remote(cfg.buffer_size, schema, samples_per_insert=cfg.replay_ratio,
-                               min_size=cfg.learning_starts, batch_size=cfg.trial_batch_size,
-                               max_burnin=burn, seed=cfg.seed + counters.episodes)
-    learner = learner_cls.remote(cfg_d, spec_d, replay, ck_bytes)
-    weights = ray.get(learner.latest_weights.remote())
-    params_msg = ray.get(weights[1][0])
-    seed_offset = 7919 * counters.episodes
-    actors = [actor_cls.options(scheduling_strategy="SPREAD").remote(
-        cfg_d, spec_d, i, cfg.num_actors, replay, params_msg, seed_offset) for i in range(cfg.num_actors)]
-    ray.get(learner.start.remote())
-    steps0 = counters.trial_steps_trained
-    inflight = {a.run_chunk.remote(counters.env_steps, weights): i for i, a in enumerate(actors)}
-    win = ReportWindow()
-    next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
-    next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
-    bar = ProgressBar(target_episodes, counters.episodes)
-    t_start = time.time()
-    wall0 = counters.wall_time
-    last = {"t": t_start, "env": counters.env_steps, "upd": counters.updates,
-            "train": counters.trial_steps_trained, "idle": 0.0}
-    deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
-    status = {"version": weights[0], "updates": counters.updates, "trial_steps": 0, "idle_s": 0.0}
-    rstats = {"size": 0}
-    last_status = 0.0
-    interrupted = False
-    actor_versions = [weights[0]] * cfg.num_actors
-    eps = cfg.epsilon_start
+class DistributedTrainer:
+    """One training job on a Ray cluster: starts the roles, runs the driver loop, cleans up."""
 
-    def save(name: str) -> None:
-        counters.wall_time = wall0 + time.time() - t_start
-        sd = torch.load(io.BytesIO(ray.get(learner.checkpoint_bytes.remote())), map_location="cpu", weights_only=True)
-        exp.save_checkpoint({"format": 1, "learner": sd, "spec": spec_d, "config": cfg_d,
-                             "counters": counters.to_dict()}, name)
+    def __init__(self, cfg: TrainConfig, exp: Experiment, *, resume_from: str | None,
+                 target_episodes: int, log=print):
+        import ray
+        from actors.worker import ActorWorker
+        from learner.worker import LearnerWorker
+        from replay.server import ReplayServer
+        self.cfg, self.exp, self.log = cfg, exp, log
+        self.target_episodes = target_episodes
+        self.spec = build_spec(cfg)
+        check_capacity(cfg.num_actors)
+        self.replay_cls = ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer)
+        self.learner_cls = ray.remote(num_cpus=1, num_gpus=_learner_gpus(cfg), max_concurrency=4)(LearnerWorker)
+        self.actor_cls = ray.remote(num_cpus=1)(ActorWorker)
+        self.counters = Counters()
+        self.ck_bytes = None
+        if resume_from is not None:
+            ck = load_checkpoint(resume_from)
+            self.counters = Counters.from_dict(ck["counters"])
+            buf = io.BytesIO()
+            torch.save(ck["learner"], buf)
+            self.ck_bytes = buf.getvalue()
+            log(f"Resumed from {resume_from}: episode {self.counters.episodes}, "
+                f"{self.counters.updates} updates")
+        self.cfg_d, self.spec_d = cfg.to_dict(), self.spec.to_dict()
+        self.actors: list = []
+        self.inflight: dict = {}
+        self.actor_versions: list[int] = []
 
-    with Stop() as stop:
-        while counters.episodes < target_episodes:
-            if stop.requested or (deadline is not None and time.time() > deadline):
-                interrupted = stop.requested
-                if not stop.requested:
-                    log(f"Time limit of {cfg.time_limit_minutes} min reached.")
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=STATUS_PERIOD_S)
-            for ref in ready:
-                i = inflight.pop(ref)
-                s = msgpack.unpackb(ray.get(ref), raw=False)
-                counters.env_steps += s["env_steps"]
-                counters.trials += len(s["trials"])
-                win.add_trial_summaries(s["trials"], status["version"])
-                win.add_episodes([SimpleNamespace(steps=e[0], reward=e[1]) for e in s["episodes"]])
-                counters.episodes += len(s["episodes"])
-                actor_versions[i] = s["weights_version"]
-                eps = epsilon_at(counters.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps)
-                inflight[actors[i].run_chunk.remote(counters.env_steps, weights)] = i
-            now = time.time()
-            report_due = counters.episodes >= next_report or counters.episodes >= target_episodes
-            if report_due or now - last_status > STATUS_PERIOD_S:
-                last_status = now
-                status = msgpack.unpackb(ray.get(learner.status.remote()), raw=False)
-                if status.get("error"):
-                    raise RuntimeError(f"learner failed: {status['error']}")
-                weights = ray.get(learner.latest_weights.remote())
-                rstats = ray.get(replay.stats.remote())
-                counters.updates = status["updates"]          # the learner's count (resumed ones included)
-                counters.trial_steps_trained = steps0 + status["trial_steps"]
-                for r in status["recent"]:
-                    win.add_learner_stats(r)
-            bar.update(counters.episodes)
-            if counters.episodes >= next_report or counters.episodes >= target_episodes:
-                next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
+    # -- roles ---------------------------------------------------------------------------------
+    def start_roles(self) -> None:
+        import ray
+        cfg, spec = self.cfg, self.spec
+        burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
+        schema = {"obs_dim": spec.obs_dim, "state_size": spec.state_size,
+                  "num_actions": spec.num_actions, "max_burnin": burn}
+        self.replay = self.replay_cls.remote(
+            cfg.buffer_size, schema, samples_per_insert=cfg.replay_ratio, min_size=cfg.learning_starts,
+            batch_size=cfg.trial_batch_size, max_burnin=burn, seed=cfg.seed + self.counters.episodes)
+        self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes)
+        self.weights = ray.get(self.learner.latest_weights.remote())
+        for _ in range(cfg.num_actors):
+            self.add_actor()
+        ray.get(self.learner.start.remote())
+
+    def add_actor(self) -> None:
+        """Start one more actor with the current weights and give it work."""
+        import ray
+        i = len(self.actors)
+        params_msg = ray.get(self.weights[1][0])
+        actor = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
+            self.cfg_d, self.spec_d, i, max(1, self.cfg.num_actors), self.replay, params_msg,
+            7919 * self.counters.episodes + 104_729 * i)
+        self.actors.append(actor)
+        self.actor_versions.append(self.weights[0])
+        self.inflight[actor.run_chunk.remote(self.counters.env_steps, self.weights)] = i
+
+    def stop_roles(self) -> None:
+        import ray
+        ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=10)
+        ray.get(self.learner.stop.remote())
+        for a in self.actors:
+            if a is not None:
+                ray.kill(a)
+
+    def kill_all(self) -> None:
+        import ray
+        ray.kill(self.learner)
+        ray.kill(self.replay)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def learner_state(self) -> dict:
+        import ray
+        return torch.load(io.BytesIO(ray.get(self.learner.checkpoint_bytes.remote())),
+                          map_location="cpu", weights_only=True)
+
+    def save(self, name: str) -> None:
+        self.counters.wall_time = self.wall0 + time.time() - self.t_start
+        self.exp.save_checkpoint({"format": 1, "learner": self.learner_state(), "spec": self.spec_d,
+                                  "config": self.cfg_d, "counters": self.counters.to_dict()}, name)
+
+    # -- driver loop ---------------------------------------------------------------------------
+    def _on_chunk(self, i: int, summary: dict) -> None:
+        c = self.counters
+        c.env_steps += summary["env_steps"]
+        c.trials += len(summary["trials"])
+        self.win.add_trial_summaries(summary["trials"], self.status["version"])
+        self.win.add_episodes([SimpleNamespace(steps=e[0], reward=e[1]) for e in summary["episodes"]])
+        c.episodes += len(summary["episodes"])
+        self.actor_versions[i] = summary["weights_version"]
+
+    def _poll(self) -> None:
+        import ray
+        self.status = msgpack.unpackb(ray.get(self.learner.status.remote()), raw=False)
+        if self.status.get("error"):
+            raise RuntimeError(f"learner failed: {self.status['error']}")
+        self.weights = ray.get(self.learner.latest_weights.remote())
+        self.rstats = ray.get(self.replay.stats.remote())
+        self.counters.updates = self.status["updates"]        # the learner's count (resumed ones included)
+        self.counters.trial_steps_trained = self.steps0 + self.status["trial_steps"]
+        for r in self.status["recent"]:
+            self.win.add_learner_stats(r)
+
+    def _report(self) -> dict:
+        cfg, c = self.cfg, self.counters
+        now = time.time()
+        last = self.last
+        dtime = max(1e-9, now - last["t"])
+        c.wall_time = self.wall0 + now - self.t_start
+        idle = self.status.get("idle_s", 0.0)
+        eps = epsilon_at(c.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps)
+        rec = make_record(
+            self.win, c, env_name=cfg.env_name, dt=cfg.dt, epsilon=eps,
+            weights_version=self.status["version"], elapsed=c.wall_time,
+            rate_env=(c.env_steps - last["env"]) / dtime, rate_upd=(c.updates - last["upd"]) / dtime,
+            rate_train=(c.trial_steps_trained - last["train"]) / dtime,
+            replay_size=self.rstats["size"], num_actors=len([a for a in self.actors if a is not None]),
+            extra={"learner_idle_frac": min(1.0, (idle - last["idle"]) / dtime),
+                   "samples_per_insert": self.rstats.get("samples_per_insert"),
+                   "replay_rejected": self.rstats.get("rejected", 0),
+                   "actor_weights_versions": list(self.actor_versions),
+                   **{k: self.status[k] for k in ("eta", "lambda") if k in self.status}})
+        self.last = {"t": now, "env": c.env_steps, "upd": c.updates, "train": c.trial_steps_trained,
+                     "idle": idle}
+        self.exp.append_metrics(rec)
+        self.bar.clear()
+        self.log(progress_line(rec, self.target_episodes))
+        if rec["accuracy"] is not None and rec["accuracy"] > c.best_accuracy and c.updates > 0:
+            c.best_accuracy = rec["accuracy"]
+            self.save("best_model.pt")
+        self.win = ReportWindow()
+        return rec
+
+    def run(self) -> dict:
+        import ray
+        cfg, c = self.cfg, self.counters
+        self.t_start = time.time()
+        self.wall0 = c.wall_time
+        self.steps0 = c.trial_steps_trained
+        self.start_roles()
+        self.win = ReportWindow()
+        self.status = {"version": self.weights[0], "updates": c.updates, "trial_steps": 0, "idle_s": 0.0}
+        self.rstats = {"size": 0}
+        self.last = {"t": self.t_start, "env": c.env_steps, "upd": c.updates,
+                     "train": c.trial_steps_trained, "idle": 0.0}
+        next_report = (c.episodes // cfg.print_freq + 1) * cfg.print_freq
+        next_ckpt = (c.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+        self.bar = ProgressBar(self.target_episodes, c.episodes)
+        deadline = self.t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+        last_status = 0.0
+        interrupted = False
+        with Stop() as stop:
+            while c.episodes < self.target_episodes:
+                if stop.requested or (deadline is not None and time.time() > deadline):
+                    interrupted = stop.requested
+                    if not stop.requested:
+                        self.log(f"Time limit of {cfg.time_limit_minutes} min reached.")
+                    break
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=STATUS_PERIOD_S)
+                for ref in ready:
+                    i = self.inflight.pop(ref)
+                    self._on_chunk(i, msgpack.unpackb(ray.get(ref), raw=False))
+                    self.inflight[self.actors[i].run_chunk.remote(c.env_steps, self.weights)] = i
                 now = time.time()
-                dtime = max(1e-9, now - last["t"])
-                counters.wall_time = wall0 + now - t_start
-                idle = status.get("idle_s", 0.0)
-                rec = make_record(
-                    win, counters, env_name=cfg.env_name, dt=cfg.dt, epsilon=eps,
-                    weights_version=status["version"], elapsed=counters.wall_time,
-                    rate_env=(counters.env_steps - last["env"]) / dtime,
-                    rate_upd=(counters.updates - last["upd"]) / dtime,
-                    rate_train=(counters.trial_steps_trained - last["train"]) / dtime,
-                    replay_size=rstats["size"], num_actors=cfg.num_actors,
-                    extra={"learner_idle_frac": min(1.0, (idle - last["idle"]) / dtime),
-                           "samples_per_insert": rstats.get("samples_per_insert"),
-                           "replay_rejected": rstats.get("rejected", 0),
-                           "actor_weights_versions": list(actor_versions),
-                           **{k: status[k] for k in ("eta", "lambda") if k in status}})
-                last = {"t": now, "env": counters.env_steps, "upd": counters.updates,
-                        "train": counters.trial_steps_trained, "idle": idle}
-                exp.append_metrics(rec)
-                bar.clear()
-                log(progress_line(rec, target_episodes))
-                if rec["accuracy"] is not None and rec["accuracy"] > counters.best_accuracy and counters.updates > 0:
-                    counters.best_accuracy = rec["accuracy"]
-                    save("best_model.pt")
-                win = ReportWindow()
-            if counters.episodes >= next_ckpt:
-                next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
-                save(f"checkpoint_{counters.episodes}.pt")
-    bar.clear()
-    # drain: let in-flight chunks finish (their trials are already in replay), then stop roles
-    ray.wait(list(inflight), num_returns=len(inflight), timeout=10)
-    ray.get(learner.stop.remote())
-    status = msgpack.unpackb(ray.get(learner.status.remote()), raw=False)
-    counters.updates = status["updates"]
-    counters.wall_time = wall0 + time.time() - t_start
-    sd = torch.load(io.BytesIO(ray.get(learner.checkpoint_bytes.remote())), map_location="cpu", weights_only=True)
-    local = Learner.from_config(spec, TrainConfig.from_dict({**cfg_d, "device": "cpu"}))
-    local.load_state_dict(sd)
-    for a in actors:
-        ray.kill(a)
-    ray.kill(learner)
-    ray.kill(replay)
-    return finish_run(exp, cfg, spec, local, counters, interrupted, log=log)
+                report_due = c.episodes >= next_report or c.episodes >= self.target_episodes
+                if report_due or now - last_status > STATUS_PERIOD_S:
+                    last_status = now
+                    self._poll()
+                self.bar.update(c.episodes)
+                if report_due:
+                    next_report = (c.episodes // cfg.print_freq + 1) * cfg.print_freq
+                    self._report()
+                if c.episodes >= next_ckpt:
+                    next_ckpt = (c.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+                    self.save(f"checkpoint_{c.episodes}.pt")
+        self.bar.clear()
+        self.stop_roles()
+        self._poll()
+        c.wall_time = self.wall0 + time.time() - self.t_start
+        local = Learner.from_config(self.spec, TrainConfig.from_dict({**self.cfg_d, "device": "cpu"}))
+        local.load_state_dict(self.learner_state())
+        self.kill_all()
+        return finish_run(self.exp, cfg, self.spec, local, c, interrupted, log=self.log)

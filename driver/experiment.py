@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -160,8 +161,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        # one line: torch's messages can span lines and carry terminal colour codes
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:200]
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); it may be truncated or not a mpn-dqn checkpoint") from exc
+                              f"{reason}); it may be truncated or not a mpn-dqn checkpoint") from exc
     if not isinstance(data, dict) or "learner" not in data or "spec" not in data:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a mpn-dqn checkpoint (missing keys)")
     return data

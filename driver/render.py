@@ -68,5 +68,6 @@ def write_gif(ep: dict, spec: NetSpec, output: str, *, title: str, fps: int = 8)
         fig.canvas.draw()
         frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     plt.close(fig)
-    imageio.mimsave(output, frames, duration=1.0 / fps, loop=0)
+    # imageio >= 2.28 (pillow plugin) takes the frame duration in milliseconds, not seconds
+    imageio.mimsave(output, frames, duration=1000.0 / fps, loop=0)
     return len(frames)

@@ -1,0 +1,24 @@
+"""Shared fixtures: one Ray session for the whole test run (ray.init costs 3-7 s here)."""
+import logging
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray bound to 127.0.0.1, started once and shut down at the end of the run."""
+    import ray
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore",
+                                           "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()

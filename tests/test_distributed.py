@@ -1,0 +1,62 @@
+"""The real Ray program: actors, replay server and learner as Ray actors on a real NeuroGym env."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.config import TrainConfig
+from driver.experiment import Experiment, load_checkpoint
+
+pytestmark = pytest.mark.ray
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(env_name="PerceptualDecisionMaking-v0", num_actors=2, envs_per_actor=4, num_episodes=48,
+                hidden_dim=16, trial_batch_size=8, learning_starts=16, buffer_size=200, print_freq=8,
+                checkpoint_freq=24, eval_trials=50, experiments_dir=str(tmp_path), experiment_name="ray-run")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
+    from driver.distributed import train_distributed
+    cfg = _cfg(tmp_path)
+    exp = Experiment(tmp_path, cfg.experiment_name)
+    exp.create(cfg)
+    lines = []
+    summary = train_distributed(cfg, exp, log=lines.append)
+    recs = exp.read_metrics()
+    assert recs, "metrics.jsonl must have records"
+    last = recs[-1]
+    assert last["episode"] >= 48 and last["num_actors"] == 2
+    assert last["trials"] >= 48 * 10 * 0.9                       # trials arrived from both actors
+    assert last["updates"] > 0 and last["weights_version"] > 1   # the learner trained and published
+    assert max(max(r["actor_weights_versions"]) for r in recs) > 1   # new weights reached actors
+    assert all(r["replay_rejected"] == 0 for r in recs)
+    assert any(r["replay_size"] > 0 for r in recs)
+    assert summary["updates"] == last["updates"] or summary["updates"] >= last["updates"]
+    assert (exp.checkpoint_dir / "final_model.pt").exists()
+    ck = load_checkpoint(exp.checkpoint_dir / "final_model.pt")
+    assert ck["counters"]["episodes"] >= 48
+    assert 0.0 <= summary["final_eval"]["accuracy"] <= 1.0
+    assert any(line.startswith("Ep ") for line in lines)
+    # the session is still ours (the driver must not shut down a Ray it did not start)
+    assert ray_session.is_initialized()
+
+
+def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
+    """`train-neurogym --num-actors 2` on an embedded Ray, as a user runs it, in a subprocess."""
+    cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", "PerceptualDecisionMaking-v0",
+           "--num-actors", "2", "--envs-per-actor", "4", "--num-episodes", "24", "--hidden-dim", "16",
+           "--trial-batch-size", "8", "--learning-starts", "16", "--print-freq", "8",
+           "--eval-trials", "30", "--experiments-dir", str(tmp_path), "--experiment-name", "cli-ray"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "2 Ray actors" in p.stdout and "Ep " in p.stdout and "Greedy evaluation" in p.stdout
+    cfg = json.loads((tmp_path / "cli-ray" / "config.json").read_text())
+    assert cfg["num_actors"] == 2
