@@ -199,12 +199,24 @@ class TrainConfig(ConfigBase):
     # --- network ---
     core: str = opt("mpn", "recurrent core: mpn (multi-plasticity network), gru or lstm", choices=CORES)
     hidden_dim: int = opt(128, "hidden units of the recurrent core", low=1, high=8192)
-    eta: float = opt(0.1, "MPN Hebbian learning rate eta (initial value if --learn-plasticity)")
-    lambda_decay: float = opt(0.95, "MPN decay lambda of M per step (initial value if "
-                              "--learn-plasticity)", low=0.0, high=1.0)
-    learn_plasticity: bool = opt(False, "learn eta and lambda by backprop (lambda kept in "
-                                 "[0, --lambda-max])")
-    lambda_max: float = opt(0.99, "upper bound of a learnable lambda", low=0.0, high=1.0)
+    eta: Optional[float] = opt(
+        None, "MPN Hebbian learning rate eta per step (initial value with --learn-plasticity); "
+        "default: --eta-per-100ms scaled by dt/100, so M grows at the same rate per unit of task "
+        "time at any dt")
+    eta_per_100ms: float = opt(
+        0.5, "default eta expressed per 100 ms of task time (the seed's 0.1 was too small for "
+        "DelayMatchSample: chance after 4000 episodes, 0.945 with 0.5)")
+    lambda_decay: Optional[float] = opt(
+        None, "MPN decay of M per step (initial value with --learn-plasticity); default: "
+        "exp(-dt / --m-timescale-ms)", low=0.0, high=1.0)
+    m_timescale_ms: float = opt(
+        1950.0, "time constant of M's decay in ms of task time (1950 ms = the seed's lambda 0.95 "
+        "at dt 100, 0.9949 at dt 10)", low=0.0, low_open=True)
+    learn_plasticity: bool = opt(True, "learn eta and lambda by backprop (lambda kept in "
+                                 "[0, lambda_max]); --no-learn-plasticity keeps them fixed")
+    lambda_max: Optional[float] = opt(
+        None, "upper bound of a learnable lambda per step; default: exp(-dt / 10000 ms) "
+        "(0.990 at dt 100)", low=0.0, high=1.0)
     input_bias: float = opt(
         1.0, "value of the constant input channel appended to every observation (lets the "
         "network read M when the observation is all zeros; 0 disables it)")
@@ -272,9 +284,9 @@ class TrainConfig(ConfigBase):
         if self.epsilon_end > self.epsilon_start:
             raise ConfigError(f"--epsilon-end ({self.epsilon_end}) must not exceed "
                               f"--epsilon-start ({self.epsilon_start})")
-        if self.learn_plasticity and self.lambda_decay > self.lambda_max:
-            raise ConfigError(f"--lambda-decay ({self.lambda_decay}) must be <= --lambda-max "
-                              f"({self.lambda_max}) with --learn-plasticity")
+        if self.learn_plasticity and self.effective_lambda > self.effective_lambda_max:
+            raise ConfigError(f"--lambda-decay ({self.effective_lambda:.4f}) must be <= --lambda-max "
+                              f"({self.effective_lambda_max:.4f}) with --learn-plasticity")
         if self.learning_starts < self.trial_batch_size:
             raise ConfigError(f"--learning-starts ({self.learning_starts}) must be >= "
                               f"--trial-batch-size ({self.trial_batch_size})")
@@ -286,6 +298,22 @@ class TrainConfig(ConfigBase):
                               f"with --buffer-size {self.buffer_size}; lower it or grow the buffer")
         if self.experiment_name is not None:
             check_experiment_name(self.experiment_name)
+
+    @property
+    def effective_eta(self) -> float:
+        return self.eta if self.eta is not None else self.eta_per_100ms * self.dt / 100.0
+
+    @property
+    def effective_lambda(self) -> float:
+        if self.lambda_decay is not None:
+            return self.lambda_decay
+        return math.exp(-self.dt / self.m_timescale_ms)
+
+    @property
+    def effective_lambda_max(self) -> float:
+        if self.lambda_max is not None:
+            return self.lambda_max
+        return max(math.exp(-self.dt / 10_000.0), self.effective_lambda)
 
     @property
     def effective_gamma(self) -> float:

@@ -60,8 +60,9 @@ class NetSpec:
     @classmethod
     def from_config(cls, cfg, obs_dim: int, num_actions: int) -> "NetSpec":
         return cls(core=cfg.core, obs_dim=obs_dim, num_actions=num_actions, hidden_dim=cfg.hidden_dim,
-                   eta=cfg.eta, lambda_decay=cfg.lambda_decay, learn_plasticity=cfg.learn_plasticity,
-                   lambda_max=cfg.lambda_max, input_bias=cfg.input_bias, dueling=cfg.dueling)
+                   eta=cfg.effective_eta, lambda_decay=cfg.effective_lambda,
+                   learn_plasticity=cfg.learn_plasticity, lambda_max=cfg.effective_lambda_max,
+                   input_bias=cfg.input_bias, dueling=cfg.dueling)
 
 
 class GatedCore(nn.Module):

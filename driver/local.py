@@ -18,10 +18,12 @@ from common.networks import NetSpec, export_params
 from common.tasks import task_dims
 from driver.experiment import Experiment, load_checkpoint
 from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
+from learner.diagnostics import replay_staleness
 from learner.learner import Learner
 from replay.buffer import TrialBuffer
 
 PUBLISH_EVERY_UPDATES = 10      # single process: actors see new weights every 10 updates
+STALENESS_EVERY_UPDATES = 250   # R2D2 staleness of the replayed state, on 8 trials
 
 
 def build_spec(cfg: TrainConfig) -> NetSpec:
@@ -152,6 +154,11 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                     counters.trial_steps_trained += int(batch.mask.sum())
                     if counters.updates % 5 == 0:
                         win.add_learner_stats(stats)
+                    if counters.updates % STALENESS_EVERY_UPDATES == 0:
+                        st = replay_staleness(learner.online, buffer.episode_prefixes(8, sample_rng),
+                                              "zero" if cfg.replay_init == "zero" else "stored")
+                        if st:
+                            win.staleness.append(st)
                     if counters.updates % PUBLISH_EVERY_UPDATES == 0:
                         params, version = learner.publish()
                         collector.set_params(params, version)

@@ -54,6 +54,7 @@ class ReportWindow:
     q_means: list = field(default_factory=list)
     td_abs: list = field(default_factory=list)
     lags: list = field(default_factory=list)
+    staleness: list = field(default_factory=list)
 
     def add_trials(self, trials, current_version: int | None = None) -> None:
         for t in trials:
@@ -107,6 +108,9 @@ def make_record(win: ReportWindow, c: Counters, *, env_name: str, dt: int, epsil
         "trial_steps_trained_per_s": rate_train, "replay_size": replay_size,
         "num_actors": num_actors, "wall_time": elapsed,
     }
+    if win.staleness:
+        rec["staleness_q_gap"] = _mean([s["staleness_q_gap"] for s in win.staleness])
+        rec["staleness_rel"] = _mean([s["staleness_rel"] for s in win.staleness])
     if extra:
         rec.update(extra)
     return rec

@@ -337,6 +337,29 @@ class TrialBuffer:
                      burnin_state=burnin_state, correct=bool(self._correct[slot]),
                      **{name: int(arr[slot]) for name, arr in self._meta.items()})
 
+    def episode_prefixes(self, n: int, rng: np.random.Generator | None = None) -> list[tuple[Trial, list[Trial]]]:
+        """Up to ``n`` stored trials (trial_index > 0) whose whole episode so far is still stored,
+        each with those preceding trials in order — for measuring replay-state staleness."""
+        if self._size == 0:
+            return []
+        rng = rng or self._rng
+        m = self._meta
+        live = self._live_order()
+        key = {}
+        for slot in live:
+            key[(int(m["actor_id"][slot]), int(m["env_id"][slot]), int(m["episode_id"][slot]),
+                 int(m["trial_index"][slot]))] = int(slot)
+        cands = [k for k in key if k[3] > 0 and all((k[0], k[1], k[2], j) in key for j in range(k[3]))]
+        if not cands:
+            return []
+        pick = rng.choice(len(cands), size=min(n, len(cands)), replace=False)
+        out = []
+        for i in pick:
+            k = cands[int(i)]
+            prefix = [self.get_trial(key[(k[0], k[1], k[2], j)]) for j in range(k[3])]
+            out.append((self.get_trial(key[k]), prefix))
+        return out
+
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, *, pad_multiple: int = 1,
                rng: np.random.Generator | None = None) -> TrialBatch:

@@ -1,0 +1,224 @@
+"""Learning results: runs the real CLI over a grid and writes docs/results.md + docs/learning_curves.png.
+
+Every run is ``python main.py train-neurogym --env-name T [--dt D] [ablation options]`` with the
+project's defaults otherwise; its accuracy is the greedy evaluation the run ends with
+(``summary.json`` → ``final_eval``, ``--eval-trials`` trials, default 1000 here), reported as a
+fraction of the ideal-observer ceiling.  Results accumulate in ``docs/results.jsonl`` (one line
+per run), so the grid can be run in pieces and the report rebuilt from everything measured.
+
+    python tests/benchmarks/learning.py main --seeds 0 1 2          # goal 1: 3 tasks x 3 seeds, defaults
+    python tests/benchmarks/learning.py cores --seeds 0             # MPN vs GRU vs LSTM
+    python tests/benchmarks/learning.py ablations --budget-min 3    # each ablation at a fixed budget
+    python tests/benchmarks/learning.py long --tasks PerceptualDecisionMaking-v0   # goal 2: dt 10
+    python tests/benchmarks/learning.py report                      # rebuild docs/ from results.jsonl
+
+Last line: one JSON object summarising what this invocation ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common.tasks import ideal_accuracy  # noqa: E402
+
+TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchSample-v0"]
+RESULTS = ROOT / "docs" / "results.jsonl"
+RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
+
+# ablation name -> list of (variant label, extra CLI options)
+ABLATIONS = {
+    "constant input": [("on (default)", []), ("off", ["--input-bias", "0"])],
+    "replay init": [("stored (default)", []), ("zero", ["--replay-init", "zero"]),
+                    ("burn-in", ["--replay-init", "burn-in"])],
+    "n-step": [("5 (default)", []), ("1", ["--n-step", "1"])],
+    "plasticity": [("learnable (default)", []), ("fixed", ["--no-learn-plasticity"])],
+    "trials per episode": [("10 (default)", []), ("1", ["--trials-per-episode", "1"]),
+                           ("50", ["--trials-per-episode", "50"])],
+    "core": [("mpn (default)", []), ("gru", ["--core", "gru"]), ("lstm", ["--core", "lstm"])],
+}
+
+
+def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: int = 100,
+            budget_min: float | None = None, eval_trials: int = 1000) -> dict:
+    name = f"{group}-{task.split('-')[0]}-dt{dt}-s{seed}-{abs(hash((label, tuple(extra)))) % 10**6}"
+    cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", task, "--dt", str(dt),
+           "--seed", str(seed), "--experiments-dir", str(RUNS_DIR), "--experiment-name", name,
+           "--overwrite", "--eval-trials", str(eval_trials), *extra]
+    if budget_min is not None:
+        cmd += ["--time-limit-minutes", str(budget_min), "--num-episodes", "10000000"]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    exp = RUNS_DIR / name
+    row = {"group": group, "task": task, "dt": dt, "seed": seed, "label": label, "options": extra,
+           "wall_s": round(wall, 1), "returncode": p.returncode, "experiment": str(exp),
+           "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        summary = json.loads((exp / "summary.json").read_text())
+        ev = summary.get("final_eval", {})
+        row.update(accuracy=ev.get("accuracy"), pct_ideal=ev.get("pct_ideal"),
+                   fix_break_rate=ev.get("fix_break_rate"), eval_trials=ev.get("trials"),
+                   episodes=summary.get("episodes"), env_steps=summary.get("env_steps"),
+                   updates=summary.get("updates"))
+        curve = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in curve]
+    except (OSError, json.JSONDecodeError) as exc:
+        row["error"] = f"{exc}; stderr: {p.stderr[-500:]}"
+    RESULTS.parent.mkdir(exist_ok=True)
+    with open(RESULTS, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    acc = row.get("accuracy")
+    print(f"[{group}] {task} dt={dt} seed={seed} {label}: accuracy {acc} "
+          f"({row.get('pct_ideal') and round(row['pct_ideal'], 1)}% ideal) in {wall:.0f}s", flush=True)
+    return row
+
+
+def load_rows() -> list[dict]:
+    if not RESULTS.exists():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def _stats(xs):
+    import numpy as np
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None, 0
+    return float(np.mean(xs)), (float(np.max(xs) - np.min(xs)) if len(xs) > 1 else 0.0), len(xs)
+
+
+def write_report() -> None:
+    rows = load_rows()
+    lines = ["# Learning results", "",
+             "Greedy accuracy at the end of training (evaluation trials as listed), as a fraction of the",
+             "ideal-observer ceiling. Produced by `python tests/benchmarks/learning.py` on a 2-core CPU",
+             "machine; every row is a real run of `python main.py train-neurogym` with the defaults plus the",
+             "options shown. Mean over seeds, spread = max - min.", ""]
+    for group, title in (("main", "Goal 1: defaults, dt = 100, M kept across 10-trial episodes"),
+                         ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores")):
+        sel = [r for r in rows if r["group"] == group]
+        if not sel:
+            continue
+        lines += [f"## {title}", "", "| task | dt | variant | seeds | accuracy (mean) | spread | % of ideal | "
+                  "fix-break rate | wall (s, mean) |", "|---|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["task"], r["dt"], r["label"]) for r in sel})
+        for task, dt, label in keys:
+            rs = [r for r in sel if (r["task"], r["dt"], r["label"]) == (task, dt, label)]
+            m, spread, n = _stats([r.get("accuracy") for r in rs])
+            ideal = ideal_accuracy(task, dt)
+            pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
+            fb, _, _ = _stats([r.get("fix_break_rate") for r in rs])
+            wall, _, _ = _stats([r.get("wall_s") for r in rs])
+            lines.append(f"| {task} | {dt} | {label} | {n} | {m:.3f} | {spread:.3f} | {pct} | "
+                         f"{fb:.2f} | {wall:.0f} |" if m is not None else
+                         f"| {task} | {dt} | {label} | 0 | failed | | | | |")
+        lines.append("")
+    abl = [r for r in rows if r["group"].startswith("ablation:")]
+    if abl:
+        lines += ["## Ablations (fixed wall-clock budget each)", "",
+                  "| ablation | task | variant | seeds | accuracy | % of ideal | budget |", "|---|---|---|---|---|---|---|"]
+        for key in sorted({(r["group"], r["task"], r["label"]) for r in abl}):
+            rs = [r for r in abl if (r["group"], r["task"], r["label"]) == key]
+            m, _, n = _stats([r.get("accuracy") for r in rs])
+            ideal = ideal_accuracy(key[1], 100)
+            pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
+            budget = rs[0].get("budget_min")
+            lines.append(f"| {key[0].split(':', 1)[1]} | {key[1]} | {key[2]} | {n} | "
+                         f"{m:.3f} | {pct} | {budget} min |" if m is not None else
+                         f"| {key[0].split(':', 1)[1]} | {key[1]} | {key[2]} | 0 | failed | | |")
+        lines.append("")
+    out = ROOT / "docs" / "results.md"
+    out.write_text("\n".join(lines) + "\n")
+    _plot(rows)
+    print(f"wrote {out}")
+
+
+def _plot(rows) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sel = [r for r in rows if r["group"] in ("main", "long") and r.get("curve")]
+    tasks = sorted({(r["task"], r["dt"]) for r in sel})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+    for j, (task, dt) in enumerate(tasks):
+        ideal = ideal_accuracy(task, dt)
+        for r in [r for r in sel if (r["task"], r["dt"]) == (task, dt)]:
+            c = [p for p in r["curve"] if p[2] is not None]
+            axes[0, j].plot([p[0] for p in c], [p[2] for p in c], lw=1, label=f"seed {r['seed']}")
+            axes[1, j].plot([p[1] for p in c], [p[2] for p in c], lw=1, label=f"seed {r['seed']}")
+        for i, xl in enumerate(("wall time (s)", "env steps")):
+            ax = axes[i, j]
+            if ideal:
+                ax.axhline(ideal, color="g", ls="--", lw=1, label="ideal observer")
+                ax.axhline(0.95 * ideal, color="g", ls=":", lw=1, label="95% of ideal")
+            ax.axhline(0.5, color="gray", ls=":", lw=1)
+            ax.set_ylim(0.3, 1.02)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("training-trial accuracy")
+            ax.set_title(f"{task} dt={dt}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "learning_curves.png", dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "report"])
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--budget-min", type=float, default=3.0, help="wall budget per ablation run")
+    ap.add_argument("--ablations", nargs="+", default=list(ABLATIONS), help="which ablations")
+    ap.add_argument("--eval-trials", type=int, default=1000)
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra CLI options for every run")
+    args = ap.parse_args()
+    ran = []
+    if args.grid == "main":
+        for task in args.tasks:
+            for seed in args.seeds:
+                ran.append(run_one("main", task, seed, list(args.extra), "defaults", eval_trials=args.eval_trials))
+    elif args.grid == "cores":
+        for task in args.tasks:
+            for seed in args.seeds:
+                for core in ("mpn", "gru", "lstm"):
+                    ran.append(run_one("cores", task, seed, ["--core", core, *args.extra], core,
+                                       eval_trials=args.eval_trials))
+    elif args.grid == "long":
+        for task in args.tasks:
+            for seed in args.seeds:
+                ran.append(run_one("long", task, seed, ["--bptt-chunk-size", "40", *args.extra],
+                                   "defaults + --bptt-chunk-size 40", dt=10, eval_trials=args.eval_trials))
+    elif args.grid == "ablations":
+        for name in args.ablations:
+            for label, opts in ABLATIONS[name]:
+                for task in args.tasks:
+                    for seed in args.seeds:
+                        row = run_one(f"ablation:{name}", task, seed, [*opts, *args.extra], label,
+                                      budget_min=args.budget_min, eval_trials=args.eval_trials)
+                        row["budget_min"] = args.budget_min
+                        ran.append(row)
+        # rewrite with budget recorded
+        rows = load_rows()
+        for r in rows:
+            if r["group"].startswith("ablation:") and "budget_min" not in r:
+                r["budget_min"] = args.budget_min
+        RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report()
+    accs = [r.get("pct_ideal") for r in ran if r.get("pct_ideal") is not None]
+    print(json.dumps({"benchmark": "learning", "grid": args.grid, "runs": len(ran),
+                      "mean_pct_ideal": (sum(accs) / len(accs)) if accs else None,
+                      "min_pct_ideal": min(accs) if accs else None}))
+
+
+if __name__ == "__main__":
+    main()
