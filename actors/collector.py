@@ -40,31 +40,6 @@ class EpisodeStats:
     fix_breaks: int
 
 
-class _TrialRecorder:
-    """Per-env growable step arrays for the trial in progress (no per-step Python objects)."""
-
-    def __init__(self, obs_dim: int, cap: int = 64):
-        self.obs = np.zeros((cap, obs_dim), np.float32)
-        self.actions = np.zeros(cap, np.int64)
-        self.rewards = np.zeros(cap, np.float32)
-        self.gt = np.zeros(cap, np.int64)
-        self.n = 0
-
-    def append(self, obs, action, reward, gt) -> None:
-        if self.n == self.actions.shape[0]:
-            new = 2 * self.n
-            self.obs = np.resize(self.obs, (new, self.obs.shape[1]))
-            self.actions = np.resize(self.actions, new)
-            self.rewards = np.resize(self.rewards, new)
-            self.gt = np.resize(self.gt, new)
-        i = self.n
-        self.obs[i] = obs
-        self.actions[i] = action
-        self.rewards[i] = reward
-        self.gt[i] = gt
-        self.n = i + 1
-
-
 class TrialCollector:
     """Steps ``num_envs`` envs with one policy; returns completed trials and episode stats.
 
@@ -110,7 +85,16 @@ class TrialCollector:
         # env.unwrapped.trial already describes the *next* trial once new_trial is seen, so the
         # ground truth of the trial in progress is captured when that trial starts.
         self.cur_gt = np.array([_ground_truth(u) for u in self.units], np.int64)
-        self.rec = [_TrialRecorder(O) for _ in range(num_envs)]
+        # lockstep step buffers of the trials in progress: [K, cap, ...], env k at position pos[k]
+        self._cap = 64
+        self.buf_obs = np.zeros((num_envs, self._cap, O), np.float32)
+        self.buf_act = np.zeros((num_envs, self._cap), np.int64)
+        self.buf_rew = np.zeros((num_envs, self._cap), np.float32)
+        self.buf_gt = np.zeros((num_envs, self._cap), np.int64)
+        self.pos = np.zeros(num_envs, np.int64)
+        self._ar = np.arange(num_envs)
+        self._gts = np.zeros(num_envs, np.int64)
+        self._rews = np.zeros(num_envs, np.float32)
         self.trial_start_state = np.zeros_like(self.state)
         self.discarding = np.ones(num_envs, bool)        # first trial after reset is spoiled
         self.trial_in_episode = np.zeros(num_envs, np.int64)
@@ -152,24 +136,41 @@ class TrialCollector:
             self._ring_push()
         q = self.policy.step(self.obs, self.state)        # state now holds M after this step
         actions = self._act(q)
-        for k in range(self.K):
-            u = self.units[k]
-            gt = int(u.gt_now)
-            a = int(actions[k])
-            self.rec[k].append(self.obs[k], a, 0.0, gt)
-            o, r, _term, _trunc, info = self.envs[k].step(a)
-            r = float(r)
-            self.rec[k].rewards[self.rec[k].n - 1] = r
-            self.obs[k] = o
+        if self.pos.max() >= self._cap:
+            self._grow()
+        ar, pos = self._ar, self.pos
+        self.buf_obs[ar, pos] = self.obs                  # what the network saw at this step
+        self.buf_act[ar, pos] = actions
+        gts, rews, obs = self._gts, self._rews, self.obs
+        ended = []
+        for k, (env, u, a) in enumerate(zip(self.envs, self.units, actions.tolist())):
+            gts[k] = u.gt_now                             # the answer this step is scored against
+            o, r, _term, _trunc, info = env.step(a)
+            obs[k] = o
+            rews[k] = r
             if info.get("new_trial", False):
-                t = self._finish_trial(k, u, r)
-                if t is not None:
-                    trials.append(t)
-                    ep = self._maybe_end_episode(k)
-                    if ep is not None:
-                        episodes.append(ep)
+                ended.append(k)
+        self.buf_gt[ar, pos] = gts
+        self.buf_rew[ar, pos] = rews
+        self.pos += 1
+        for k in ended:
+            t = self._finish_trial(k, self.units[k], float(rews[k]))
+            if t is not None:
+                trials.append(t)
+                ep = self._maybe_end_episode(k)
+                if ep is not None:
+                    episodes.append(ep)
         self.env_steps += self.K
         return trials, episodes
+
+    def _grow(self) -> None:
+        new = 2 * self._cap
+        for name in ("buf_obs", "buf_act", "buf_rew", "buf_gt"):
+            old = getattr(self, name)
+            grown = np.zeros((old.shape[0], new) + old.shape[2:], old.dtype)
+            grown[:, : self._cap] = old
+            setattr(self, name, grown)
+        self._cap = new
 
     def _ring_push(self) -> None:
         """Record (state before this step, obs of this step) for burn-in of the next trial."""
@@ -188,9 +189,8 @@ class TrialCollector:
             np.zeros(0, np.float32)
 
     def _finish_trial(self, k: int, u, final_reward: float) -> Trial | None:
-        rec = self.rec[k]
-        T = rec.n
-        rec.n = 0
+        T = int(self.pos[k])
+        self.pos[k] = 0
         start_state = self.trial_start_state[k].copy()
         ground_truth = int(self.cur_gt[k])
         self.cur_gt[k] = _ground_truth(u)                          # the trial that starts now
@@ -201,10 +201,11 @@ class TrialCollector:
             self._start_episode(k)
             return None
         correct = final_reward >= self.correct_reward - 1e-6
-        fix = int((rec.rewards[:T] == self.abort_reward).sum()) if self.abort_reward is not None else 0
+        rewards = self.buf_rew[k, :T].copy()
+        fix = int((rewards == np.float32(self.abort_reward)).sum()) if self.abort_reward is not None else 0
         trial = Trial(
-            obs=rec.obs[:T].copy(), actions=rec.actions[:T].copy(), rewards=rec.rewards[:T].copy(),
-            gt=rec.gt[:T].copy(), trial_end=np.arange(T) == T - 1, init_state=start_state,
+            obs=self.buf_obs[k, :T].copy(), actions=self.buf_act[k, :T].copy(), rewards=rewards,
+            gt=self.buf_gt[k, :T].copy(), trial_end=np.arange(T) == T - 1, init_state=start_state,
             ground_truth=ground_truth, correct=bool(correct), fix_breaks=fix,
             episode_id=int(self.episode_id[k]), actor_id=self.actor_id, env_id=k,
             trial_index=int(self.trial_in_episode[k]), weights_version=self.weights_version)

@@ -13,7 +13,7 @@ EVAL_SEED_OFFSET = 1_000_000   # eval envs never share seeds with training envs
 def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials: int,
              trials_per_episode: int, seed: int = 0, num_envs: int = 16, epsilon: float = 0.0,
              keep_trials: bool = False) -> dict:
-    """Run the policy greedily (ε = ``epsilon``) until ``num_trials`` trials completed.
+    """Run the policy greedily (ε = ``epsilon``) over whole episodes, ≥ ``num_trials`` trials.
 
     Returns accuracy, reward per trial, fixation-break rate, the ideal-observer ceiling (None
     when unknown) and accuracy as a percentage of it.
@@ -24,14 +24,22 @@ def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials:
                          trials_per_episode=trials_per_episode, seed=seed + EVAL_SEED_OFFSET,
                          actor_id=0)
     col.epsilon = epsilon
-    trials = []
+    # Count only whole episodes, so every trial position within an episode (and so every
+    # amount of carried-over M) is represented in proportion.
+    need_episodes = -(-num_trials // trials_per_episode)
+    open_trials: dict[int, list] = {}
+    trials: list = []
     episodes = 0
-    while len(trials) < num_trials:
+    while episodes < need_episodes:
         t, e = col.step()
-        trials.extend(t)
-        episodes += len(e)
+        for tr in t:
+            open_trials.setdefault(tr.env_id, []).append(tr)
+        for ep in e:
+            if episodes < need_episodes:
+                trials.extend(open_trials.get(ep.env_id, []))
+                episodes += 1
+            open_trials[ep.env_id] = []
     col.close()
-    trials = trials[:num_trials]
     correct = np.array([t.correct for t in trials])
     reward = np.array([t.total_reward for t in trials])
     breaks = np.array([t.fix_breaks > 0 for t in trials])

@@ -230,7 +230,8 @@ class TrainConfig(ConfigBase):
 
     # --- replay ---
     buffer_size: int = opt(500, "replay capacity in trials (FIFO)", low=1)
-    trial_batch_size: int = opt(4, "trials per learner batch", low=1)
+    trial_batch_size: int = opt(32, "trials per learner batch (the seed's 4 wastes the learner: "
+                                "an update of 32 trials costs little more than one of 4)", low=1)
     replay_init: str = opt(
         "stored", "initial recurrent state when replaying a trial: zero, the stored state the "
         "actor acted from, or burn-in over the end of the preceding trial", choices=REPLAY_INITS)
@@ -263,7 +264,9 @@ class TrainConfig(ConfigBase):
                       choices=DEVICES)
 
     # --- runtime ---
-    num_actors: int = opt(0, "Ray actor processes (0: single process, no Ray)", low=0)
+    num_actors: Optional[int] = opt(
+        None, "Ray actor processes; default: one per CPU of this machine left after the learner "
+        "(at least 1); 0 runs everything in one process without Ray (debugging, tests)", low=0)
     envs_per_actor: int = opt(8, "NeuroGym envs stepped in lockstep per actor", low=1)
     address: Optional[str] = opt(None, "Ray cluster address (auto or HOST:PORT); default: the "
                                  "RAY_ADDRESS variable, else an embedded local Ray")
@@ -273,7 +276,7 @@ class TrainConfig(ConfigBase):
                                          "--experiments-dir (default: random)")
     experiments_dir: str = opt("experiments", "where experiment directories are written")
     overwrite: bool = opt(False, "allow reusing an existing experiment name (deletes it)")
-    print_freq: int = opt(10, "episodes between progress lines / metrics records", low=1)
+    print_freq: int = opt(100, "episodes between progress lines / metrics records", low=1)
     checkpoint_freq: int = opt(100, "episodes between checkpoints", low=1)
     eval_trials: int = opt(500, "greedy evaluation trials at the end of training (0: skip)",
                            low=0)
@@ -298,6 +301,12 @@ class TrainConfig(ConfigBase):
                               f"with --buffer-size {self.buffer_size}; lower it or grow the buffer")
         if self.experiment_name is not None:
             check_experiment_name(self.experiment_name)
+
+    @property
+    def effective_num_actors(self) -> int:
+        if self.num_actors is not None:
+            return self.num_actors
+        return max(1, (os.cpu_count() or 2) - 1)
 
     @property
     def effective_eta(self) -> float:

@@ -102,6 +102,7 @@ def cmd_train(ns) -> int:
     from driver.experiment import Experiment
     name = cfg.experiment_name or random_experiment_name()
     cfg.experiment_name = name
+    cfg.num_actors = cfg.effective_num_actors        # "auto" resolved and recorded in config.json
     exp = Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
     exp.create(cfg, overwrite=cfg.overwrite)
     print(f"Experiment: {exp.dir}  (task {cfg.env_name}, dt {cfg.dt}, core {cfg.core}, "

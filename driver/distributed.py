@@ -54,7 +54,7 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         log(f"Joining Ray cluster at {address}")
         ray.init(address=address, **common)
     else:
-        ncpu = max(os.cpu_count() or 1, cfg.num_actors + 1)
+        ncpu = max(os.cpu_count() or 1, cfg.effective_num_actors + 1)
         ray.init(num_cpus=ncpu, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                  include_dashboard=False, **common)
     return True
@@ -106,7 +106,7 @@ class DistributedTrainer:
         self.cfg, self.exp, self.log = cfg, exp, log
         self.target_episodes = target_episodes
         self.spec = build_spec(cfg)
-        check_capacity(cfg.num_actors)
+        check_capacity(cfg.effective_num_actors)
         self.replay_cls = ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer)
         self.learner_cls = ray.remote(num_cpus=1, num_gpus=_learner_gpus(cfg), max_concurrency=4)(LearnerWorker)
         self.actor_cls = ray.remote(num_cpus=1)(ActorWorker)
@@ -137,7 +137,7 @@ class DistributedTrainer:
             batch_size=cfg.trial_batch_size, max_burnin=burn, seed=cfg.seed + self.counters.episodes)
         self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes)
         self.weights = ray.get(self.learner.latest_weights.remote())
-        for _ in range(cfg.num_actors):
+        for _ in range(cfg.effective_num_actors):
             self.add_actor()
         ray.get(self.learner.start.remote())
 
@@ -147,7 +147,7 @@ class DistributedTrainer:
         i = len(self.actors)
         params_msg = ray.get(self.weights[1][0])
         actor = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
-            self.cfg_d, self.spec_d, i, max(1, self.cfg.num_actors), self.replay, params_msg,
+            self.cfg_d, self.spec_d, i, max(1, self.cfg.effective_num_actors), self.replay, params_msg,
             7919 * self.counters.episodes + 104_729 * i)
         self.actors.append(actor)
         self.actor_versions.append(self.weights[0])

@@ -135,7 +135,11 @@ class Experiment:
             cands.append(final)
         if not cands:
             return None
-        return max(cands, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        # Rank by the episode recorded in the file, not by mtime alone: a copied directory
+        # (cp -r, rsync without -t) scrambles mtimes and would resume from an older checkpoint.
+        # At equal episodes final_model.pt wins (it is written after the periodic one).
+        return max(cands, key=lambda p: (_checkpoint_episode(p), p.name == "final_model.pt",
+                                         p.stat().st_mtime_ns, p.name))
 
     def resolve_checkpoint(self, name: str | None) -> Path:
         if name is None:
@@ -168,6 +172,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict) or "learner" not in data or "spec" not in data:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a mpn-dqn checkpoint (missing keys)")
     return data
+
+
+def _checkpoint_episode(path: Path) -> int:
+    """The episode a checkpoint was written at: from ``checkpoint_<episode>.pt``, else from its
+    counters; -1 when unreadable (so a damaged file never outranks a good one)."""
+    stem = path.stem
+    if stem.startswith("checkpoint_") and stem[len("checkpoint_"):].isdigit():
+        return int(stem[len("checkpoint_"):])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["counters"]["episodes"])
+    except Exception:  # noqa: BLE001 - ranked last; loading it later reports the error
+        return -1
 
 
 def _json_safe(v):

@@ -134,7 +134,7 @@ class Learner:
         if self.spec.core != "mpn":
             return {}
         eta, lam = self.online.core.plasticity()
-        return {"eta": float(eta), "lambda": float(lam)}
+        return {"eta": float(eta.detach()), "lambda": float(lam.detach())}
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,290 @@
+"""The command line, run in-process through ``driver.cli.main(argv)``.
+
+Misuse must exit 2 with one line on stderr and write nothing; ``--help`` documents every
+option; a tiny single-process run goes through train -> eval -> render -> resume.
+"""
+import json
+import os
+import shutil
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import TrainConfig
+from driver.cli import main
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+
+PDM = "PerceptualDecisionMaking-v0"
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_line(err: str) -> str:
+    err = err.strip()
+    assert err, "expected a message on stderr"
+    assert "\n" not in err, f"expected one line, got:\n{err}"
+    assert "Traceback" not in err
+    return err
+
+
+# --- misuse -----------------------------------------------------------------------------------
+
+# A train-neurogym run that would be quick if a misuse slipped through (the case's own options
+# come after these, so they win).
+GUARD = ["--num-actors", "0", "--num-episodes", "1", "--eval-trials", "0", "--envs-per-actor", "1",
+         "--hidden-dim", "4", "--experiment-name", "guard"]
+
+MISUSE = [
+    # (id, argv after the command, substrings the message must hold)
+    ("unknown-command", ["frobnicate"], ["invalid choice", "frobnicate", "train-neurogym"]),
+    ("unknown-option", ["train-neurogym", *GUARD, "--frobnicate", "3"],
+     ["unrecognized arguments", "--frobnicate"]),
+    ("misspelt-option", ["train-neurogym", *GUARD, "--hiden-dim", "16"],
+     ["--hiden-dim", "did you mean --hidden-dim"]),
+    ("misspelt-eval-option", ["eval", "--experiment-name", "x", "--num-eval-episode", "3"],
+     ["did you mean --num-eval-episodes"]),
+    ("wrong-type", ["train-neurogym", *GUARD, "--hidden-dim", "abc"], ["--hidden-dim", "abc"]),
+    ("negative-buffer", ["train-neurogym", *GUARD, "--buffer-size", "-5"], ["--buffer-size", ">= 1"]),
+    ("zero-batch", ["train-neurogym", *GUARD, "--trial-batch-size", "0"], ["--trial-batch-size", ">= 1"]),
+    ("lambda-above-1", ["train-neurogym", *GUARD, "--lambda-decay", "1.5"], ["--lambda-decay", "<= 1"]),
+    ("chunk-zero", ["train-neurogym", *GUARD, "--bptt-chunk-size", "0"], ["--bptt-chunk-size", ">= 1"]),
+    ("unknown-env", ["train-neurogym", *GUARD, "--env-name", "PerceptualDecisionMaking-v9"],
+     ["PerceptualDecisionMaking-v9", "did you mean", PDM]),
+    ("unknown-device", ["train-neurogym", *GUARD, "--device", "tpu"], ["--device", "tpu"]),
+    ("cuda-without-gpu", ["train-neurogym", *GUARD, "--device", "cuda"], ["cuda", "--device cpu"]),
+    ("epsilon-end-above-start", ["train-neurogym", *GUARD, "--epsilon-start", "0.2", "--epsilon-end", "0.5"],
+     ["--epsilon-end", "--epsilon-start"]),
+    ("bad-experiment-name", ["train-neurogym", *GUARD, "--experiment-name", "../escape"],
+     ["--experiment-name"]),
+    ("existing-experiment", ["train-neurogym", *GUARD, "--experiment-name", "taken"],
+     ["already exists", "--overwrite"]),
+    ("eval-missing", ["eval", "--experiment-name", "nope"], ["no experiment 'nope'", "taken"]),
+    ("render-missing", ["render", "--experiment-name", "nope", "--output", "OUT.gif"],
+     ["no experiment 'nope'"]),
+    ("resume-missing", ["resume", "--experiment-name", "nope"], ["no experiment 'nope'"]),
+    ("eval-zero-episodes", ["eval", "--experiment-name", "taken", "--num-eval-episodes", "0"],
+     ["--num-eval-episodes"]),
+    ("render-png", ["render", "--experiment-name", "taken", "--output", "OUT.png"], [".gif", "out.png"]),
+    ("render-no-dir", ["render", "--experiment-name", "taken", "--output", "NODIR/x.gif"],
+     ["does not exist"]),
+    ("eval-no-checkpoint", ["eval", "--experiment-name", "taken"], ["no checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("case_id,argv,expected", MISUSE, ids=[c[0] for c in MISUSE])
+def test_misuse_exits_2_with_one_line_and_writes_nothing(case_id, argv, expected, tmp_path, capsys):
+    if case_id == "cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    exps = tmp_path / "exps"
+    exps.mkdir()
+    # an existing experiment (config only, no checkpoints) for the cases that need one
+    (exps / "taken" / "checkpoints").mkdir(parents=True)
+    TrainConfig(experiment_name="taken").save(str(exps / "taken" / "config.json"))
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("NODIR", str(tmp_path / "nodir"))
+            for a in argv]
+    before = _snapshot(tmp_path)
+    rc = main([*argv, "--experiments-dir", str(exps)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    msg = _one_line(err)
+    for s in expected:
+        assert s in msg, f"{s!r} not in {msg!r}"
+    assert _snapshot(tmp_path) == before
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "train-neurogym" in capsys.readouterr().out
+
+
+# --- help -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [None, "train-neurogym", "eval", "render", "resume"])
+def test_help_exits_0(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"] if command else ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:")
+    if command is None:
+        for c in ("train-neurogym", "eval", "render", "resume"):
+            assert c in out
+    if command == "train-neurogym":
+        missing = [f.name for f in fields(TrainConfig) if "--" + f.name.replace("_", "-") not in out]
+        assert not missing, f"options missing from --help: {missing}"
+    if command in ("eval", "render", "resume"):
+        assert "--experiment-name" in out and "--experiments-dir" in out
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+TRAIN = ["train-neurogym", "--num-actors", "0", "--env-name", PDM, "--num-episodes", "20",
+         "--envs-per-actor", "4", "--learning-starts", "16", "--trial-batch-size", "8",
+         "--eval-trials", "40", "--print-freq", "5", "--checkpoint-freq", "10", "--hidden-dim", "16",
+         "--plot-training"]
+METRIC_KEYS = ("episode", "env_steps", "trials", "reward", "accuracy", "pct_ideal", "loss", "epsilon",
+               "updates", "weights_version", "policy_lag", "env_steps_per_s", "updates_per_s",
+               "replay_size", "num_actors")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny single-process run; tests work on copies of its directory."""
+    root = tmp_path_factory.mktemp("trained")
+    rc = main([*TRAIN, "--experiments-dir", str(root), "--experiment-name", "tiny"])
+    assert rc == 0
+    return root / "tiny"
+
+
+def _copy(trained: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "exps" / trained.name
+    shutil.copytree(trained, dst)          # copy2: keeps mtimes (resume picks the newest checkpoint)
+    return dst
+
+
+def _metrics(exp_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _counters(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["counters"]
+
+
+def test_train_writes_config_metrics_checkpoints_and_plots(trained):
+    cfg = TrainConfig.load(str(trained / "config.json"))
+    assert (cfg.env_name, cfg.num_episodes, cfg.hidden_dim, cfg.num_actors) == (PDM, 20, 16, 0)
+    assert (cfg.envs_per_actor, cfg.trial_batch_size, cfg.learning_starts) == (4, 8, 16)
+    assert cfg.experiment_name == "tiny" and cfg.plot_training
+
+    recs = _metrics(trained)
+    assert len(recs) >= 2
+    for r in recs:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        assert not missing, missing
+        assert r["num_actors"] == 0
+    eps = [r["episode"] for r in recs]
+    assert eps == sorted(eps) and eps[-1] >= 20
+    assert recs[-1]["updates"] > 0 and recs[-1]["loss"] is not None
+    assert recs[-1]["trials"] >= 20 * cfg.trials_per_episode
+
+    ck_dir = trained / "checkpoints"
+    periodic = sorted(ck_dir.glob("checkpoint_*.pt"))
+    assert periodic, list(ck_dir.iterdir())
+    for name in ("best_model.pt", "final_model.pt"):
+        assert (ck_dir / name).exists()
+    for path in [*periodic, ck_dir / "best_model.pt", ck_dir / "final_model.pt"]:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        assert {"learner", "spec", "config", "counters"} <= set(ck)
+        if path.name.startswith("checkpoint_"):
+            assert int(path.stem.split("_")[1]) == ck["counters"]["episodes"]
+    final = _counters(ck_dir / "final_model.pt")
+    assert final["episodes"] == recs[-1]["episode"] and final["updates"] == recs[-1]["updates"]
+
+    png = trained / "plots" / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_writes_eval_json_and_prints_a_table(trained, tmp_path, capsys):
+    exp = _copy(trained, tmp_path)
+    rc = main(["eval", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+               "--num-eval-episodes", "5"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    ev = json.loads((exp / "eval.json").read_text())
+    for k in ("env_name", "episodes", "trials", "accuracy", "reward_per_trial", "ideal_accuracy",
+              "pct_ideal"):
+        assert k in ev, k
+    assert ev["env_name"] == PDM and ev["episodes"] == 5 and ev["trials"] == 50
+    assert 0.0 <= ev["accuracy"] <= 1.0
+    assert ev["ideal_accuracy"] == pytest.approx(0.896)
+    assert ev["pct_ideal"] == pytest.approx(100 * ev["accuracy"] / 0.896)
+    assert "| accuracy" in out and "% of ideal" in out and "eval.json" in out
+
+
+def test_render_writes_an_animated_gif(trained, tmp_path, capsys):
+    from PIL import Image
+    exp = _copy(trained, tmp_path)
+    gif = tmp_path / "episode.gif"
+    rc = main(["render", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+               "--output", str(gif), "--max-trials", "1", "--fps", "4"])
+    assert rc == 0, capsys.readouterr().err
+    with Image.open(gif) as im:
+        assert im.format == "GIF"
+        assert im.n_frames > 1
+        assert abs(im.info.get("duration", 0) - 250) <= 10       # --fps 4: 250 ms per frame
+
+
+def test_resume_continues_counters_from_the_checkpoint(trained, tmp_path, capsys):
+    exp = _copy(trained, tmp_path)
+    before = _metrics(exp)
+    ck0 = _counters(exp / "checkpoints" / "final_model.pt")
+    # a copy that did not keep mtimes: the oldest periodic checkpoint looks like the newest file
+    oldest = min((exp / "checkpoints").glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    assert int(oldest.stem.split("_")[1]) < ck0["episodes"]
+    t = (exp / "checkpoints" / "final_model.pt").stat().st_mtime_ns + 10**10
+    os.utime(oldest, ns=(t, t))
+    rc = main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+               "--num-episodes", "30"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "from final_model.pt" in out
+    after = _metrics(exp)
+    assert after[:len(before)] == before                     # appended, not rewritten
+    new = after[len(before):]
+    assert new, "resume wrote no metrics"
+    assert new[-1]["episode"] >= 30
+    for r in new:                                            # counters continue, never restart
+        assert r["episode"] > ck0["episodes"]
+        assert r["env_steps"] > ck0["env_steps"] and r["trials"] > ck0["trials"]
+        assert r["updates"] >= ck0["updates"]
+        assert r["weights_version"] > before[-1]["weights_version"]
+    assert new[-1]["updates"] > ck0["updates"]
+    ck1 = torch.load(exp / "checkpoints" / "final_model.pt", map_location="cpu", weights_only=True)
+    assert ck1["counters"]["episodes"] >= 30
+    assert ck1["learner"]["updates"] == ck1["counters"]["updates"] > ck0["updates"]
+    assert TrainConfig.load(str(exp / "config.json")).num_episodes == 30
+
+
+def test_resume_to_an_episode_already_reached_exits_2(trained, tmp_path, capsys):
+    exp = _copy(trained, tmp_path)
+    done = _counters(exp / "checkpoints" / "final_model.pt")["episodes"]
+    before = _snapshot(tmp_path)
+    rc = main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+               "--num-episodes", str(done)])
+    assert rc == 2
+    assert str(done) in _one_line(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
+
+
+def test_truncated_checkpoint_exits_2_naming_the_file(trained, tmp_path, capsys):
+    exp = _copy(trained, tmp_path)
+    data = (exp / "checkpoints" / "final_model.pt").read_bytes()
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    before = _snapshot(tmp_path)
+    rc = main(["eval", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+               "--checkpoint", str(bad)])
+    assert rc == 2
+    assert str(bad) in _one_line(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_file_that_is_not_a_checkpoint_exits_2_with_one_line(trained, tmp_path, capsys):
+    """torch's weights_only refusal spans several lines (and colour codes): still one line."""
+    import numpy as np
+    exp = _copy(trained, tmp_path)
+    other = tmp_path / "other.pt"
+    torch.save({"learner": {}, "payload": np.zeros(3)}, other)
+    rc = main(["eval", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+               "--checkpoint", str(other)])
+    assert rc == 2
+    msg = _one_line(capsys.readouterr().err)
+    assert str(other) in msg and "\x1b" not in msg
