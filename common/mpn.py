@@ -166,53 +166,69 @@ class MPNScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, M0, Wt, b, eta, lam):
-        B, T, I = x.shape
-        H = Wt.shape[1]
-        xs = x.transpose(0, 1).contiguous()    # time-major [T,B,I]: every per-step slice contiguous
-        Ms = x.new_empty(T, B, I, H)           # M_{t-1} for each step (needed by the backward)
-        hs = x.new_empty(T, B, H)
-        xw = torch.addmm(b, xs.view(T * B, I), Wt).view(T, B, H)
-        M = M0.contiguous()
-        for t in range(T):
-            Ms[t] = M
-            xt = xs[t]
-            pre = torch.baddbmm(xw[t].unsqueeze(1), xt.unsqueeze(1), M * Wt).squeeze(1)
-            h = torch.tanh(pre, out=hs[t])
-            M = (M * lam).addcmul_(xt.unsqueeze(2) * eta, h.unsqueeze(1))
+        xs, Ms, hs = _scan_forward(x, M0, Wt, b, eta, lam, keep_states=True)
         ctx.save_for_backward(xs, Ms, hs, Wt, eta, lam)
-        return hs.transpose(0, 1), M
+        return hs.transpose(0, 1), Ms[-1].clone()
 
     @staticmethod
     def backward(ctx, g_h, g_MT):
-        xs, Ms, hs, Wt, eta, lam = ctx.saved_tensors
+        xs, Ms, hs, Wt, eta, lam = ctx.saved_tensors      # Ms[t] = M_{t-1}: the state step t read
         T, B, I = xs.shape
         H = Wt.shape[1]
-        g_hs = g_h.transpose(0, 1)
-        gM = g_MT.clone() if g_MT is not None else xs.new_zeros(B, I, H)
-        ga_all = torch.empty_like(hs)
-        g_eta = xs.new_zeros(())
-        g_lam = xs.new_zeros(())
-        need_eta, need_lam = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        g_hs = g_h.transpose(0, 1).contiguous()           # [T,B,H]
+        dtanh = 1 - hs * hs
+        G = xs.new_empty(T + 1, B, I, H)                   # G[t+1] = ∂L/∂M_t; G[0] = ∂L/∂M0
+        if g_MT is None:
+            G[T].zero_()
+        else:
+            G[T].copy_(g_MT)
+        XG = xs.new_empty(T, B, H)                         # Σ_i x_i G[t+1][i,:]
+        GA = xs.new_empty(T, B, H)                         # ∂L/∂a_t (pre-activation)
         for t in range(T - 1, -1, -1):
-            xt, ht = xs[t], hs[t]
-            xgM = torch.bmm(xt.unsqueeze(1), gM).squeeze(1)               # Σ_i x_i gM[i,:]  [B,H]
-            if need_eta:
-                g_eta += (xgM * ht).sum()                                  # Σ gM ⊙ x hᵀ
-            if need_lam:
-                g_lam += (gM * Ms[t]).sum()
-            ga = torch.addcmul(g_hs[t], xgM, eta)                          # gh = ∂L/∂h + η Σ_i x_i gM
-            ga.mul_(1 - ht * ht)
-            ga_all[t] = ga
-            gM = (gM * lam).addcmul_(xt.unsqueeze(2), ga.unsqueeze(1) * Wt)
-        # ∂Wt[i,h] = Σ_{t,b} x[i] ga[h] (1 + M_{t-1}[i,h])
+            xt = xs[t]
+            XG[t] = torch.bmm(xt.unsqueeze(1), G[t + 1]).squeeze(1)
+            ga = torch.addcmul(g_hs[t], XG[t], eta, out=GA[t])   # ∂L/∂h_t (+ η Σ_i x_i gM via M_t)
+            ga.mul_(dtanh[t])
+            torch.mul(G[t + 1], lam, out=G[t]).addcmul_(xt.unsqueeze(2), ga.unsqueeze(1) * Wt)
         xf = xs.view(T * B, I)
-        gaf = ga_all.view(T * B, H)
-        g_Wt = xf.t() @ gaf + (torch.bmm(xf.unsqueeze(2), gaf.unsqueeze(1)) * Ms.view(T * B, I, H)).sum(0)
+        gaf = GA.view(T * B, H)
+        # ∂Wt[i,h] = Σ_{t,b} x[i] ga[h] (1 + M_{t-1}[i,h])
+        g_Wt = xf.t() @ gaf + (torch.bmm(xf.unsqueeze(2), gaf.unsqueeze(1)) * Ms[:T].reshape(T * B, I, H)).sum(0)
         g_b = gaf.sum(0)
-        return None, gM, g_Wt, g_b, (g_eta if need_eta else None), (g_lam if need_lam else None)
+        g_eta = (XG * hs).sum() if ctx.needs_input_grad[4] else None          # Σ gM_t ⊙ x_t h_tᵀ
+        g_lam = (G[1:] * Ms[:T]).sum() if ctx.needs_input_grad[5] else None   # Σ gM_t ⊙ M_{t-1}
+        return None, G[0].clone(), g_Wt, g_b, g_eta, g_lam
+
+
+def _scan_forward(x, M0, Wt, b, eta, lam, keep_states: bool):
+    """Forward recurrence.  Returns (xs [T,B,I], Ms, hs [T,B,H]); with ``keep_states`` Ms is
+    [T+1,B,I,H] (Ms[t] = the state step t read, Ms[T] the final one), else [2,B,I,H] ping-pong
+    buffers with the final state at index T % 2."""
+    B, T, I = x.shape
+    H = Wt.shape[1]
+    xs = x.transpose(0, 1).contiguous()                    # time-major [T,B,I]
+    xe = xs * eta                                          # η x̃, for the Hebbian update
+    Ms = x.new_empty((T + 1) if keep_states else 2, B, I, H)
+    Ms[0].copy_(M0)
+    hs = x.new_empty(T, B, H)
+    xw = torch.addmm(b, xs.view(T * B, I), Wt).view(T, B, H)   # b + W x̃ for every step at once
+    MW = x.new_empty(B, I, H)
+    for t in range(T):
+        cur, nxt = (t, t + 1) if keep_states else (t % 2, (t + 1) % 2)
+        M = Ms[cur]
+        torch.mul(M, Wt, out=MW)                           # (W ⊙ M), stored [I,H]
+        pre = torch.baddbmm(xw[t].unsqueeze(1), xs[t].unsqueeze(1), MW)
+        h = torch.tanh(pre.squeeze(1), out=hs[t])
+        torch.mul(M, lam, out=Ms[nxt]).addcmul_(xe[t].unsqueeze(2), h.unsqueeze(1))
+    return xs, Ms, hs
 
 
 def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tensor,
              eta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused MPN sequence (see :class:`MPNScan`). x [B,T,I], M0 [B,I,H] -> (h [B,T,H], M_T)."""
+    """Fused MPN sequence (see :class:`MPNScan`). x [B,T,I], M0 [B,I,H] -> (h [B,T,H], M_T).
+
+    Without gradients (target network, burn-in, evaluation) the per-step states are not kept."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, M0, Wt, b, eta, lam))):
+        xs, Ms, hs = _scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
+        return hs.transpose(0, 1), Ms[x.shape[1] % 2].clone()
     return MPNScan.apply(x, M0, Wt, b, eta, lam)

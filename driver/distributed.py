@@ -26,6 +26,7 @@ import torch
 from common.config import TrainConfig
 from driver.experiment import Experiment, load_checkpoint
 from driver.local import Stop, build_spec, finish_run
+from driver.recovery import RecoveryMixin
 from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
 from learner.learner import Learner
 
@@ -49,14 +50,14 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         return False
     logging.getLogger("ray").setLevel(logging.ERROR)     # keep Ray's start-up chatter off the progress
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    common = dict(logging_level=logging.WARNING, log_to_driver=False, runtime_env=worker_env())
+    common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env=worker_env())
     if address:
         log(f"Joining Ray cluster at {address}")
         ray.init(address=address, **common)
     else:
         ncpu = max(os.cpu_count() or 1, cfg.effective_num_actors + 1)
-        ray.init(num_cpus=ncpu, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 include_dashboard=False, **common)
+        from driver.ray_local import init_local_ray     # every Ray port on 127.0.0.1 only
+        init_local_ray(num_cpus=ncpu, include_dashboard=False, **common)
     return True
 
 
@@ -94,7 +95,7 @@ def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | N
             ray.shutdown()
 
 
-class DistributedTrainer:
+class DistributedTrainer(RecoveryMixin):
     """One training job on a Ray cluster: starts the roles, runs the driver loop, cleans up."""
 
     def __init__(self, cfg: TrainConfig, exp: Experiment, *, resume_from: str | None,
@@ -124,17 +125,14 @@ class DistributedTrainer:
         self.actors: list = []
         self.inflight: dict = {}
         self.actor_versions: list[int] = []
+        self._init_recovery(resume_from)         # driver/recovery.py: restarts, snapshots
 
     # -- roles ---------------------------------------------------------------------------------
     def start_roles(self) -> None:
         import ray
         cfg, spec = self.cfg, self.spec
-        burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
-        schema = {"obs_dim": spec.obs_dim, "state_size": spec.state_size,
-                  "num_actions": spec.num_actions, "max_burnin": burn}
-        self.replay = self.replay_cls.remote(
-            cfg.buffer_size, schema, samples_per_insert=cfg.replay_ratio, min_size=cfg.learning_starts,
-            batch_size=cfg.trial_batch_size, max_burnin=burn, seed=cfg.seed + self.counters.episodes)
+        self.replay = self._new_replay()
+        self._after_replay_started()             # resume: restore the replay snapshot
         self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes)
         self.weights = ray.get(self.learner.latest_weights.remote())
         for _ in range(cfg.effective_num_actors):
@@ -145,7 +143,7 @@ class DistributedTrainer:
         """Start one more actor with the current weights and give it work."""
         import ray
         i = len(self.actors)
-        params_msg = ray.get(self.weights[1][0])
+        params_msg = self._params_msg()
         actor = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
             self.cfg_d, self.spec_d, i, max(1, self.cfg.effective_num_actors), self.replay, params_msg,
             7919 * self.counters.episodes + 104_729 * i)
@@ -156,7 +154,10 @@ class DistributedTrainer:
     def stop_roles(self) -> None:
         import ray
         ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=10)
-        ray.get(self.learner.stop.remote())
+        try:
+            ray.get(self.learner.stop.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass                                  # dead: the final state comes from a restart
         for a in self.actors:
             if a is not None:
                 ray.kill(a)
@@ -169,13 +170,14 @@ class DistributedTrainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def learner_state(self) -> dict:
         import ray
-        return torch.load(io.BytesIO(ray.get(self.learner.checkpoint_bytes.remote())),
+        return torch.load(io.BytesIO(self._learner_checkpoint_bytes()),
                           map_location="cpu", weights_only=True)
 
     def save(self, name: str) -> None:
         self.counters.wall_time = self.wall0 + time.time() - self.t_start
         self.exp.save_checkpoint({"format": 1, "learner": self.learner_state(), "spec": self.spec_d,
                                   "config": self.cfg_d, "counters": self.counters.to_dict()}, name)
+        self._after_save(name)                   # restarts start from it; replay snapshot
 
     # -- driver loop ---------------------------------------------------------------------------
     def _on_chunk(self, i: int, summary: dict) -> None:
@@ -189,11 +191,11 @@ class DistributedTrainer:
 
     def _poll(self) -> None:
         import ray
-        self.status = msgpack.unpackb(ray.get(self.learner.status.remote()), raw=False)
+        self.status = msgpack.unpackb(self._learner_get("status"), raw=False)
         if self.status.get("error"):
             raise RuntimeError(f"learner failed: {self.status['error']}")
-        self.weights = ray.get(self.learner.latest_weights.remote())
-        self.rstats = ray.get(self.replay.stats.remote())
+        self.weights = self._learner_get("latest_weights")
+        self.rstats = self._replay_get("stats")
         self.counters.updates = self.status["updates"]        # the learner's count (resumed ones included)
         self.counters.trial_steps_trained = self.steps0 + self.status["trial_steps"]
         for r in self.status["recent"]:
@@ -217,6 +219,7 @@ class DistributedTrainer:
                    "samples_per_insert": self.rstats.get("samples_per_insert"),
                    "replay_rejected": self.rstats.get("rejected", 0),
                    "actor_weights_versions": list(self.actor_versions),
+                   **self._fault_metrics(),
                    **{k: self.status[k] for k in ("eta", "lambda") if k in self.status}})
         self.last = {"t": now, "env": c.env_steps, "upd": c.updates, "train": c.trial_steps_trained,
                      "idle": idle}
@@ -257,8 +260,12 @@ class DistributedTrainer:
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=STATUS_PERIOD_S)
                 for ref in ready:
                     i = self.inflight.pop(ref)
-                    self._on_chunk(i, msgpack.unpackb(ray.get(ref), raw=False))
+                    summary = self._collect_chunk(i, ref)    # None: the actor died, replaced
+                    if summary is None:
+                        continue
+                    self._on_chunk(i, summary)
                     self.inflight[self.actors[i].run_chunk.remote(c.env_steps, self.weights)] = i
+                self._tick()                     # replay snapshot due? (and test fault hooks)
                 now = time.time()
                 report_due = c.episodes >= next_report or c.episodes >= self.target_episodes
                 if report_due or now - last_status > STATUS_PERIOD_S:
@@ -275,6 +282,7 @@ class DistributedTrainer:
         self.stop_roles()
         self._poll()
         c.wall_time = self.wall0 + time.time() - self.t_start
+        self._final_snapshot()
         local = Learner.from_config(self.spec, TrainConfig.from_dict({**self.cfg_d, "device": "cpu"}))
         local.load_state_dict(self.learner_state())
         self.kill_all()
