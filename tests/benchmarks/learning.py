@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ ABLATIONS = {
 
 def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: int = 100,
             budget_min: float | None = None, eval_trials: int = 1000) -> dict:
-    name = f"{group}-{task.split('-')[0]}-dt{dt}-s{seed}-{abs(hash((label, tuple(extra)))) % 10**6}"
+    name = f"{group}-{task.split('-')[0]}-dt{dt}-s{seed}-{zlib.crc32(repr((label, extra)).encode()) % 10**6}"
     cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", task, "--dt", str(dt),
            "--seed", str(seed), "--experiments-dir", str(RUNS_DIR), "--experiment-name", name,
            "--overwrite", "--eval-trials", str(eval_trials), *extra]
