@@ -44,7 +44,7 @@ class Learner:
                  huber_delta: float = 1.0, chunk_size: int | None = None, grad_clip: float = 10.0,
                  target_update: str = "hard", target_update_period: int = 250,
                  polyak_tau: float = 0.005, replay_init: str = "stored", device: str = "cpu",
-                 seed: int = 0):
+                 seed: int = 0, cuda_graphs: bool | None = None, pad_multiple: int = 32):
         if replay_init not in ("zero", "stored", "burn-in"):
             raise ValueError(f"replay_init must be zero, stored or burn-in; got {replay_init!r}")
         if target_update not in ("hard", "polyak"):
@@ -61,7 +61,14 @@ class Learner:
         self.online = QNetwork(spec).to(self.device)
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=lr)
+        self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if self.use_graphs and self.device.type != "cuda":
+            raise DeviceError("cuda_graphs=True needs a CUDA device; the CPU path runs eagerly")
+        # capturable Adam keeps its step counters on the device, so the step can live in a graph
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=lr,
+                                          capturable=self.use_graphs)
+        self.pad_multiple = int(pad_multiple) if self.use_graphs else 1
+        self._graphs: dict[tuple, _GraphedStep] = {}
         self.updates = 0
         self.version = 0               # bumped each time weights are published
 
@@ -98,8 +105,33 @@ class Learner:
 
     # -- the update --------------------------------------------------------------------------
     def update(self, batch) -> dict:
-        """One TD update on a ``replay.TrialBatch`` (or a :class:`TensorBatch`)."""
+        """One TD update on a ``replay.TrialBatch`` (or a :class:`TensorBatch`).
+
+        On a GPU the whole update (both recurrences, loss, backward, clipping, Adam) is captured
+        once per batch shape in a CUDA graph and replayed; batches are padded to a multiple of
+        ``pad_multiple`` steps so there are few shapes (padding is masked, so the loss is the same).
+        """
         tb = batch if isinstance(batch, TensorBatch) else self.to_tensors(batch)
+        if self.use_graphs and tb.burnin_obs is None:
+            tb = pad_time(tb, self.pad_multiple)
+            key = (tuple(tb.obs.shape), tuple(tb.init_state.shape))
+            step = self._graphs.get(key)
+            if step is None:
+                step = self._graphs[key] = _GraphedStep(self, tb)
+            stats = step.run(tb)
+            self.updates += 1
+            self._update_target()
+            return stats
+        return self._eager_step(tb)
+
+    def _eager_step(self, tb: TensorBatch) -> dict:
+        self.updates += 1
+        stats = self._step(tb)
+        self._update_target()
+        return stats
+
+    def _step(self, tb: TensorBatch) -> dict:
+        """loss + backward + clip + Adam (no counters: also what the CUDA graph captures)."""
         self.online.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = td_loss(self.online, self.target, tb, gamma=self.gamma, n_step=self.n_step,
@@ -108,8 +140,6 @@ class Learner:
         if self.grad_clip > 0:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.grad_clip)
         self.optimizer.step()
-        self.updates += 1
-        self._update_target()
         stats["loss"] = loss
         return stats
 
@@ -148,3 +178,58 @@ class Learner:
         self.optimizer.load_state_dict(d["optimizer"])
         self.updates = int(d["updates"])
         self.version = int(d["version"])
+
+
+def pad_time(tb: TensorBatch, multiple: int) -> TensorBatch:
+    """Pad the time axis with masked steps up to a multiple of ``multiple`` (same loss)."""
+    T = tb.obs.shape[1]
+    pad = (-T) % multiple
+    if pad == 0:
+        return tb
+    f = torch.nn.functional.pad
+    return TensorBatch(obs=f(tb.obs, (0, 0, 0, pad)), actions=f(tb.actions, (0, pad)),
+                       rewards=f(tb.rewards, (0, pad)), mask=f(tb.mask, (0, pad)),
+                       init_state=tb.init_state)
+
+
+class _GraphedStep:
+    """One CUDA graph of ``Learner._step`` for one batch shape.
+
+    The first ``WARMUP`` updates of a shape run eagerly on a side stream (real updates on real
+    batches: they also create Adam's state, which capture needs); then the step is captured
+    against static input tensors (capture records kernels without running them) and every
+    later update copies its batch into those tensors and replays the graph.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, learner: Learner, tb: TensorBatch):
+        self.learner = learner
+        self.static = TensorBatch(obs=tb.obs.clone(), actions=tb.actions.clone(),
+                                  rewards=tb.rewards.clone(), mask=tb.mask.clone(),
+                                  init_state=tb.init_state.clone())
+        self.graph = None
+        self.stats = None
+        self.eager_left = self.WARMUP
+
+    def _copy_in(self, tb: TensorBatch) -> None:
+        for name in ("obs", "actions", "rewards", "mask", "init_state"):
+            getattr(self.static, name).copy_(getattr(tb, name), non_blocking=True)
+
+    def run(self, tb: TensorBatch) -> dict:
+        if self.eager_left > 0:
+            self.eager_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                stats = self.learner._step(tb)
+            torch.cuda.current_stream().wait_stream(side)
+            return stats
+        if self.graph is None:
+            self.learner.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.stats = self.learner._step(self.static)
+        self._copy_in(tb)
+        self.graph.replay()
+        return self.stats

@@ -188,3 +188,29 @@ def test_peak_autograd_memory_falls_with_chunk_size():
         peaks[chunk] = sb.peak
     assert peaks[30] < 0.4 * peaks[None]
     assert peaks[10] < 0.5 * peaks[30]
+
+
+def test_padding_the_time_axis_leaves_loss_and_gradients_unchanged():
+    """The GPU path pads batches to bucketed lengths; masked padding must not change anything."""
+    from learner.learner import pad_time
+    spec, online, target = _nets("mpn", learn=True)
+    b = _batch(_trials(spec, [9, 14, 5]))
+    grads = []
+    for tb in (b, pad_time(b, 32)):
+        online.zero_grad()
+        loss, _ = td_loss(online, target, tb, gamma=0.9, n_step=3, backward=True)
+        grads.append((float(loss), [p.grad.clone() for p in online.parameters()]))
+    assert pad_time(b, 32).obs.shape[1] == 32
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+
+
+def test_cuda_graphs_refused_without_cuda():
+    from learner.learner import DeviceError, Learner
+    spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=8)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError):
+        Learner(spec, gamma=0.9, device="cpu", cuda_graphs=True)
+    assert Learner(spec, gamma=0.9, device="cpu").use_graphs is False

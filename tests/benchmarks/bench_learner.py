@@ -68,6 +68,29 @@ def old_loop_update(online: QNetwork, target: QNetwork, opt, batch: TensorBatch,
     return total
 
 
+def check_gradients(spec, device, B=16, T=100) -> float:
+    """Max |grad(device, float32) - grad(CPU, float64)| of the TD loss, same weights and batch."""
+    from learner.loss import td_loss
+    torch.manual_seed(0)
+    ref = QNetwork(spec).double()
+    tgt = QNetwork(spec).double()
+    b64 = make_batch(B, T, spec.obs_dim, spec.num_actions, spec.state_size, torch.device("cpu"))
+    b64 = TensorBatch(obs=b64.obs.double(), actions=b64.actions, rewards=b64.rewards.double(),
+                      mask=b64.mask, init_state=b64.init_state.double())
+    td_loss(ref, tgt, b64, gamma=0.99, n_step=1, backward=True)
+    dev_net, dev_tgt = QNetwork(spec).to(device), QNetwork(spec).to(device)
+    dev_net.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    dev_tgt.load_state_dict({k: v.float() for k, v in tgt.state_dict().items()})
+    bd = TensorBatch(obs=b64.obs.float().to(device), actions=b64.actions.to(device),
+                     rewards=b64.rewards.float().to(device), mask=b64.mask.to(device),
+                     init_state=b64.init_state.float().to(device))
+    td_loss(dev_net, dev_tgt, bd, gamma=0.99, n_step=1, backward=True)
+    err = max(float((p.grad.double().cpu() - r.grad).abs().max())
+              for p, r in zip(dev_net.parameters(), ref.parameters()))
+    print(f"gradient check vs CPU float64: max abs error {err:.2e}")
+    return err
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -94,14 +117,28 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--no-graphs", action="store_true", help="on CUDA: eager updates instead of CUDA graphs")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="skip the old loop (it takes minutes at large B on a GPU); report 0 for it")
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
     B, T, H, O, A = args.batch, args.steps, args.hidden, 5, 3
     spec = NetSpec(core="mpn", obs_dim=O, num_actions=A, hidden_dim=H)
-    learner = Learner(spec, gamma=0.99, n_step=1, device=args.device, chunk_size=None)
+    learner = Learner(spec, gamma=0.99, n_step=1, device=args.device, chunk_size=None,
+                      cuda_graphs=False if args.no_graphs else None)
     batch = make_batch(B, T, O, A, spec.state_size, device)
-    fast = time_it(lambda: learner.update(batch), args.repeats, device)
+    grad_err = check_gradients(spec, device) if device.type != "cpu" else 0.0
+    fast = time_it(lambda: learner.update(batch), args.repeats, device, warmup=5)
+    if args.skip_baseline:
+        steps = B * T
+        rate = steps / statistics.median(fast)
+        print(f"batched learner : median {statistics.median(fast) * 1e3:8.2f} ms/update -> {rate:12.0f} trial-steps/s")
+        print(json.dumps({"benchmark": "learner", "device": str(device), "B": B, "T": T, "H": H,
+                          "cuda_graphs": learner.use_graphs, "trial_steps_per_s": round(rate),
+                          "baseline_trial_steps_per_s": 0, "speedup": None,
+                          "max_grad_abs_err_vs_cpu_float64": grad_err}))
+        return
     old_online = QNetwork(spec).to(device)
     old_target = QNetwork(spec).to(device)
     opt = torch.optim.Adam(old_online.parameters(), lr=1e-3)
@@ -115,8 +152,9 @@ def main():
           f"-> {base:10.0f} trial-steps/s  (runs: {[round(x * 1e3, 1) for x in slow]})")
     print(f"speedup {rate / base:.1f}x")
     print(json.dumps({"benchmark": "learner", "device": str(device), "B": B, "T": T, "H": H,
-                      "trial_steps_per_s": round(rate), "baseline_trial_steps_per_s": round(base),
-                      "speedup": round(rate / base, 2)}))
+                      "cuda_graphs": learner.use_graphs, "trial_steps_per_s": round(rate),
+                      "baseline_trial_steps_per_s": round(base), "speedup": round(rate / base, 2),
+                      "max_grad_abs_err_vs_cpu_float64": grad_err}))
 
 
 if __name__ == "__main__":
