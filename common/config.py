@@ -257,7 +257,11 @@ class TrainConfig(ConfigBase):
     discount_horizon_ms: float = opt(
         10_000.0, "time constant of the discount in ms of task time: gamma = exp(-dt / horizon)",
         low=0.0, low_open=True)
-    n_step: int = opt(5, "n-step returns (bootstrapping never crosses a trial's end)", low=1)
+    n_step: Optional[int] = opt(
+        None, "n-step returns (bootstrapping never crosses a trial's end); default: "
+        "--n-step-ms / dt (5 at dt 100, 50 at dt 10), so credit travels the same task time per "
+        "bootstrap at any dt", low=1)
+    n_step_ms: float = opt(500.0, "default n-step horizon in ms of task time", low=1.0)
     bptt_chunk_size: Optional[int] = opt(None, "truncated BPTT chunk length in steps (none: the "
                                          "whole trial)", low=1)
     target_update: str = opt("hard", "target network update: hard copy or polyak averaging",
@@ -330,6 +334,12 @@ class TrainConfig(ConfigBase):
         if self.lambda_max is not None:
             return self.lambda_max
         return max(math.exp(-self.dt / 10_000.0), self.effective_lambda)
+
+    @property
+    def effective_n_step(self) -> int:
+        if self.n_step is not None:
+            return self.n_step
+        return max(1, int(round(self.n_step_ms / self.dt)))
 
     @property
     def effective_gamma(self) -> float:

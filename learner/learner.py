@@ -74,7 +74,7 @@ class Learner:
 
     @classmethod
     def from_config(cls, spec: NetSpec, cfg) -> "Learner":
-        return cls(spec, gamma=cfg.effective_gamma, n_step=cfg.n_step, lr=cfg.lr,
+        return cls(spec, gamma=cfg.effective_gamma, n_step=cfg.effective_n_step, lr=cfg.lr,
                    huber_delta=cfg.huber_delta, chunk_size=cfg.bptt_chunk_size,
                    grad_clip=cfg.grad_clip, target_update=cfg.target_update,
                    target_update_period=cfg.target_update_period, polyak_tau=cfg.polyak_tau,
