@@ -66,6 +66,7 @@ class MPNCore(nn.Module):
 
     kind = "mpn"
     use_scan = True     # the fused sequence op (MPNScan) for unmasked sequences; the loop is the reference
+    use_cpu_kernels = True   # on CPU, the numba kernels of common/mpn_numba.py when numba is installed
 
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
                  learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0):
@@ -228,7 +229,65 @@ def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tenso
     """Fused MPN sequence (see :class:`MPNScan`). x [B,T,I], M0 [B,I,H] -> (h [B,T,H], M_T).
 
     Without gradients (target network, burn-in, evaluation) the per-step states are not kept."""
+    cpu = _use_cpu_kernels(x)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, M0, Wt, b, eta, lam))):
-        xs, Ms, hs = _scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
-        return hs.transpose(0, 1), Ms[x.shape[1] % 2].clone()
-    return MPNScan.apply(x, M0, Wt, b, eta, lam)
+        with torch.no_grad():
+            if cpu:
+                return _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam)
+            xs, Ms, hs = _scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
+            return hs.transpose(0, 1), Ms[x.shape[1] % 2].clone()
+    return (MPNScanCPU if cpu else MPNScan).apply(x, M0, Wt, b, eta, lam)
+
+
+class MPNScanCPU(torch.autograd.Function):
+    """:class:`MPNScan` with the loops in compiled CPU kernels (``common/mpn_numba.py``)."""
+
+    @staticmethod
+    def forward(ctx, x, M0, Wt, b, eta, lam):
+        from common import mpn_numba
+        B, T, I = x.shape
+        H = Wt.shape[1]
+        xs = x.detach().transpose(0, 1).contiguous()
+        Ms = x.new_empty(T + 1, B, I, H)
+        hs = x.new_empty(T, B, H)
+        mpn_numba.scan_forward(xs.numpy(), M0.detach().contiguous().numpy(), Wt.detach().contiguous().numpy(),
+                               b.detach().contiguous().numpy(), float(eta), float(lam), Ms.numpy(), hs.numpy())
+        ctx.save_for_backward(xs, Ms, hs, Wt, eta, lam)
+        return hs.transpose(0, 1), Ms[T].clone()
+
+    @staticmethod
+    def backward(ctx, g_h, g_MT):
+        from common import mpn_numba
+        xs, Ms, hs, Wt, eta, lam = ctx.saved_tensors
+        T, B, I = xs.shape
+        H = Wt.shape[1]
+        g_hs = g_h.transpose(0, 1).contiguous() if g_h is not None else xs.new_zeros(T, B, H)
+        g_MT = g_MT.contiguous() if g_MT is not None else xs.new_zeros(B, I, H)
+        gM0 = xs.new_empty(B, I, H)
+        gWt = xs.new_zeros(I, H)
+        gb = xs.new_zeros(H)
+        g_eta, g_lam = mpn_numba.scan_backward(
+            xs.numpy(), Ms.numpy(), hs.numpy(), Wt.detach().contiguous().numpy(), float(eta), float(lam),
+            g_hs.numpy(), g_MT.numpy(), gM0.numpy(), gWt.numpy(), gb.numpy())
+        ge = torch.tensor(g_eta, dtype=eta.dtype) if ctx.needs_input_grad[4] else None
+        gl = torch.tensor(g_lam, dtype=lam.dtype) if ctx.needs_input_grad[5] else None
+        return None, gM0, gWt, gb, ge, gl
+
+
+def _use_cpu_kernels(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not MPNCore.use_cpu_kernels:
+        return False
+    from common import mpn_numba
+    return mpn_numba.available()
+
+
+def _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam):
+    from common import mpn_numba
+    B, T, I = x.shape
+    H = Wt.shape[1]
+    xs = x.transpose(0, 1).contiguous()
+    Ms = x.new_empty(2, B, I, H)
+    hs = x.new_empty(T, B, H)
+    mpn_numba.scan_forward(xs.numpy(), M0.contiguous().numpy(), Wt.contiguous().numpy(), b.contiguous().numpy(),
+                           float(eta), float(lam), Ms.numpy(), hs.numpy())
+    return hs.transpose(0, 1), Ms[T % 2].clone()

@@ -131,3 +131,33 @@ def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
         grads[use_scan] = [h.detach(), sT.detach(), s0.grad.clone()] + [p.grad.clone() for p in core.parameters()]
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_cpu_kernels_match_the_torch_scan(learn):
+    from common import mpn_numba
+    if not mpn_numba.available():
+        pytest.skip("numba not installed")
+    torch.manual_seed(1)
+    core = MPNCore(3, 10, eta=0.3, lambda_decay=0.8, learn_plasticity=learn).double()
+    x = torch.randn(4, 15, 3, dtype=torch.float64)
+    x[:, 5:8] = 0.0
+    s0 = (0.2 * torch.randn(4, core.state_size, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(4, 15, 10, dtype=torch.float64)
+    wM = torch.randn(4, core.state_size, dtype=torch.float64)
+    out = {}
+    try:
+        for kernels in (True, False):
+            MPNCore.use_cpu_kernels = kernels
+            core.zero_grad()
+            s0.grad = None
+            h, sT = core(x, s0)
+            ((h * w).sum() + (sT * wM).sum()).backward()
+            with torch.no_grad():
+                h_ng, sT_ng = core(x, s0)
+            out[kernels] = [h.detach(), sT.detach(), h_ng, sT_ng, s0.grad.clone()] + \
+                [p.grad.clone() for p in core.parameters()]
+    finally:
+        MPNCore.use_cpu_kernels = True
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -141,6 +141,8 @@ def main():
         return
     old_online = QNetwork(spec).to(device)
     old_target = QNetwork(spec).to(device)
+    for net in (old_online, old_target):      # the old system's per-step torch MPN (no fused scan)
+        net.core.use_scan = False
     opt = torch.optim.Adam(old_online.parameters(), lr=1e-3)
     slow = time_it(lambda: old_loop_update(old_online, old_target, opt, batch, 0.99),
                    args.baseline_repeats, device, warmup=0)
