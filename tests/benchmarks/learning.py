@@ -8,7 +8,7 @@ per run), so the grid can be run in pieces and the report rebuilt from everythin
 
     python tests/benchmarks/learning.py main --seeds 0 1 2          # goal 1: 3 tasks x 3 seeds, defaults
     python tests/benchmarks/learning.py cores --seeds 0             # MPN vs GRU vs LSTM
-    python tests/benchmarks/learning.py ablations --budget-min 3    # each ablation at a fixed budget
+    python tests/benchmarks/learning.py ablations --tasks DelayMatchSample-v0 --seeds 0   # 40000 trials each
     python tests/benchmarks/learning.py long --tasks PerceptualDecisionMaking-v0   # goal 2: dt 10
     python tests/benchmarks/learning.py report                      # rebuild docs/ from results.jsonl
 
@@ -48,18 +48,22 @@ ABLATIONS = {
 
 
 def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: int = 100,
-            budget_min: float | None = None, eval_trials: int = 1000) -> dict:
+            budget_min: float | None = None, eval_trials: int = 1000, budget_trials: int | None = None) -> dict:
     name = f"{group}-{task.split('-')[0]}-dt{dt}-s{seed}-{zlib.crc32(repr((label, extra)).encode()) % 10**6}"
     cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", task, "--dt", str(dt),
            "--seed", str(seed), "--experiments-dir", str(RUNS_DIR), "--experiment-name", name,
            "--overwrite", "--eval-trials", str(eval_trials), *extra]
     if budget_min is not None:
         cmd += ["--time-limit-minutes", str(budget_min), "--num-episodes", "10000000"]
+    if budget_trials is not None:            # the same number of training trials for every variant
+        tpe = int(extra[extra.index("--trials-per-episode") + 1]) if "--trials-per-episode" in extra else 10
+        cmd += ["--num-episodes", str(max(1, budget_trials // tpe))]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
     exp = RUNS_DIR / name
     row = {"group": group, "task": task, "dt": dt, "seed": seed, "label": label, "options": extra,
+           "budget": f"{budget_min} min" if budget_min else (f"{budget_trials} trials" if budget_trials else None),
            "wall_s": round(wall, 1), "returncode": p.returncode, "experiment": str(exp),
            "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     try:
@@ -124,16 +128,16 @@ def write_report() -> None:
         lines.append("")
     abl = [r for r in rows if r["group"].startswith("ablation:")]
     if abl:
-        lines += ["## Ablations (fixed wall-clock budget each)", "",
+        lines += ["## Ablations (each at a fixed budget)", "",
                   "| ablation | task | variant | seeds | accuracy | % of ideal | budget |", "|---|---|---|---|---|---|---|"]
         for key in sorted({(r["group"], r["task"], r["label"]) for r in abl}):
             rs = [r for r in abl if (r["group"], r["task"], r["label"]) == key]
             m, _, n = _stats([r.get("accuracy") for r in rs])
             ideal = ideal_accuracy(key[1], 100)
             pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
-            budget = rs[0].get("budget_min")
+            budget = rs[0].get("budget")
             lines.append(f"| {key[0].split(':', 1)[1]} | {key[1]} | {key[2]} | {n} | "
-                         f"{m:.3f} | {pct} | {budget} min |" if m is not None else
+                         f"{m:.3f} | {pct} | {budget} |" if m is not None else
                          f"| {key[0].split(':', 1)[1]} | {key[1]} | {key[2]} | 0 | failed | | |")
         lines.append("")
     out = ROOT / "docs" / "results.md"
@@ -178,7 +182,10 @@ def main() -> None:
     ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "report"])
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--budget-min", type=float, default=3.0, help="wall budget per ablation run")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="wall-clock budget per ablation run (default: a budget in trials instead)")
+    ap.add_argument("--budget-trials", type=int, default=40_000,
+                    help="training trials per ablation run (used unless --budget-min is given)")
     ap.add_argument("--ablations", nargs="+", default=list(ABLATIONS), help="which ablations")
     ap.add_argument("--eval-trials", type=int, default=1000)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra CLI options for every run")
@@ -204,16 +211,9 @@ def main() -> None:
             for label, opts in ABLATIONS[name]:
                 for task in args.tasks:
                     for seed in args.seeds:
-                        row = run_one(f"ablation:{name}", task, seed, [*opts, *args.extra], label,
-                                      budget_min=args.budget_min, eval_trials=args.eval_trials)
-                        row["budget_min"] = args.budget_min
-                        ran.append(row)
-        # rewrite with budget recorded
-        rows = load_rows()
-        for r in rows:
-            if r["group"].startswith("ablation:") and "budget_min" not in r:
-                r["budget_min"] = args.budget_min
-        RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                        ran.append(run_one(f"ablation:{name}", task, seed, [*opts, *args.extra], label,
+                                           budget_min=args.budget_min, eval_trials=args.eval_trials,
+                                           budget_trials=None if args.budget_min else args.budget_trials))
     write_report()
     accs = [r.get("pct_ideal") for r in ran if r.get("pct_ideal") is not None]
     print(json.dumps({"benchmark": "learning", "grid": args.grid, "runs": len(ran),
