@@ -6,7 +6,9 @@ bytes via one ``ray.put`` per version.
 """
 from __future__ import annotations
 
+import os
 import time
+import uuid
 
 import msgpack
 import torch
@@ -16,6 +18,9 @@ from common.codec import decode_params, encode_trials
 from common.config import TrainConfig
 from common.networks import NetSpec
 from driver.progress import epsilon_at
+
+
+INSERT_TIMEOUT_S = 30.0
 
 
 def actor_epsilon(base: float, actor_id: int, num_actors: int, alpha: float = 1.0) -> float:
@@ -40,7 +45,15 @@ class ActorWorker:
             c.env_name, c.dt, self.spec, params, num_envs=c.envs_per_actor,
             trials_per_episode=c.trials_per_episode, seed=c.seed + seed_offset, actor_id=actor_id,
             burn_in_steps=c.burn_in_steps if c.replay_init == "burn-in" else 0, weights_version=version)
-        self.pending: list[bytes] = []
+        # trial messages not yet acknowledged by the replay server, oldest first, each
+        # (seq, msgpack bytes): whole messages, retried until acknowledged; the server drops
+        # a (source, seq) it already holds, so a retry never inserts a message twice
+        self.pending: list[tuple[int, bytes]] = []
+        self.source = f"actor{actor_id}-{uuid.uuid4().hex[:12]}"   # this incarnation
+        self.seq = 0
+        self.acked: dict[int, int] = {}          # replay epoch -> trials it acknowledged
+        self.replay_down = False
+        self.replay_errors = 0
         self.blocked_s = 0.0
         self.inserted = 0
         self.rejected = 0
@@ -49,14 +62,46 @@ class ActorWorker:
     def weights_version(self) -> int:
         return self.collector.weights_version
 
+    def drain(self, timeout_s: float = 5.0) -> int:
+        """Ship the trial messages still pending (the driver is removing this actor);
+        returns how many could not be shipped within ``timeout_s``."""
+        self._flush(time.time() + timeout_s)
+        return len(self.pending)
+
     def node_id(self) -> str:
         import ray
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_replay(self, replay) -> bool:
+        """Use this replay server from now on (the driver restarted it); pending messages
+        are retried there."""
+        self.replay = replay
+        self.replay_down = False
+        return True
+
+    def _enqueue(self, payload: bytes) -> None:
+        self.pending.append((self.seq, payload))
+        self.seq += 1
+
     def _flush(self, deadline: float) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
         while self.pending:
-            res = ray.get(self.replay.insert.remote(self.pending[0]))
+            seq, payload = self.pending[0]
+            try:
+                res = ray.get(self.replay.insert.remote(payload, self.source, seq),
+                              timeout=INSERT_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError):
+                # the replay server is gone (or hung): keep the message, wait for the driver
+                # to hand over a restarted server (set_replay), retry then
+                self.replay_down = True
+                self.replay_errors += 1
+                time.sleep(max(0.0, min(0.25, deadline - time.time())))
+                return
+            self.replay_down = False
             if res["status"] == "retry":
                 if time.time() > deadline:
                     return                      # keep it pending; the driver calls again
@@ -68,6 +113,8 @@ class ActorWorker:
                 self.rejected += 1
             else:
                 self.inserted += res["accepted"]
+                epoch = int(res.get("epoch", 0))
+                self.acked[epoch] = self.acked.get(epoch, 0) + res["accepted"]
             self.pending.pop(0)
 
     def run_chunk(self, global_env_steps: int, weights: list | None = None, seconds: float = 0.25) -> bytes:
@@ -78,8 +125,11 @@ class ActorWorker:
         """
         import ray
         if weights is not None and int(weights[0]) > self.collector.weights_version:
-            params, version = decode_params(ray.get(weights[1][0]))
-            self.collector.set_params(params, version)
+            try:
+                params, version = decode_params(ray.get(weights[1][0], timeout=30))
+                self.collector.set_params(params, version)
+            except (ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError):
+                pass        # the learner that published them died; the driver sends newer ones
         c = self.cfg
         base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps)
         self.collector.epsilon = actor_epsilon(base, self.actor_id, self.num_actors)
@@ -94,12 +144,12 @@ class ActorWorker:
                 trials.extend(t)
                 episodes.extend(e)
             if len(trials) >= 2 * self.collector.K:       # ship in batches of trials
-                self.pending.append(encode_trials(trials))
+                self._enqueue(encode_trials(trials))
                 summaries.extend(_trial_summaries(trials))
                 trials = []
                 self._flush(t_end)
         if trials:
-            self.pending.append(encode_trials(trials))
+            self._enqueue(encode_trials(trials))
             summaries.extend(_trial_summaries(trials))
             self._flush(t_end)
         out = {"actor_id": self.actor_id, "env_steps": self.collector.env_steps - steps0,
@@ -107,7 +157,8 @@ class ActorWorker:
                "episodes": [[e.steps, e.reward, e.trials, e.correct] for e in episodes],
                "weights_version": self.collector.weights_version, "epsilon": self.collector.epsilon,
                "blocked_s": self.blocked_s - blocked0, "pending": len(self.pending),
-               "rejected": self.rejected}
+               "rejected": self.rejected, "acked": [[e, n] for e, n in self.acked.items()],
+               "replay_down": self.replay_down, "replay_errors": self.replay_errors}
         return msgpack.packb(out, use_bin_type=True)
 
 

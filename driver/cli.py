@@ -76,13 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("resume", allow_abbrev=False, help="continue a run from its last checkpoint",
                        description="Continue an experiment from its newest checkpoint (model, "
-                       "optimizer, target network, counters, epsilon schedule).")
+                       "optimizer, target network, counters, epsilon schedule) and its replay "
+                       "snapshot (replay contents, rate-limiter counters, sampling RNG), e.g. "
+                       "after the run was killed; writes resume.json.")
     s.add_argument("--experiment-name", required=True, help="experiment to continue")
     s.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
     s.add_argument("--num-episodes", type=int, default=None,
                    help="new total number of episodes (default: the original --num-episodes)")
     s.add_argument("--time-limit-minutes", type=float, default=None,
                    help="stop after this many minutes of this session")
+    c = sub.add_parser("scale", allow_abbrev=False, help="add or remove actors of a running Ray job",
+                       description="Change the number of actors of a running distributed job without "
+                       "stopping it: the learner and the replay server (and its contents) are untouched; "
+                       "new actors start with the current weights, removed ones finish their chunk "
+                       "first. The request goes through experiments/<name>/control.json; the driver "
+                       "answers in control_result.json within about a second. Exit 0: applied; 2: "
+                       "refused (e.g. not enough free CPUs in the cluster), or the experiment does not "
+                       "exist or is not running; 1: no answer in time.")
+    c.add_argument("--experiment-name", required=True, help="the running experiment")
+    c.add_argument("--experiments-dir", default="experiments",
+                   help="its experiments directory, as the driver sees it (default: experiments)")
+    c.add_argument("--num-actors", type=int, required=True, help="the new number of actors (>= 1)")
+    c.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for the driver's answer (default: 30)")
+
+    w = sub.add_parser("watch", allow_abbrev=False, help="live terminal view of a run",
+                       description="Refreshing view of a run from its experiment directory: latest "
+                       "values and trends (sparklines over the last records) of accuracy, loss, Q, "
+                       "throughput, replay and policy lag, the actor count, whether the job is alive "
+                       "(heartbeat.json) and the last scale request. Ends when the run ends, or Ctrl-C.")
+    w.add_argument("--experiment-name", required=True, help="experiment to watch")
+    w.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    w.add_argument("--once", action="store_true", help="print one screen and exit")
+    w.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     return p
 
 
@@ -169,7 +195,40 @@ def cmd_resume(ns) -> int:
     return 0
 
 
-COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume}
+def cmd_scale(ns) -> int:
+    _positive("--num-actors", ns.num_actors, allow_none=False)
+    exp = _open(ns)
+    from driver.live import ScaleError, check_scalable, send_scale_request, wait_scale_result
+    try:
+        hb = check_scalable(exp.dir)
+    except ScaleError as exc:
+        raise UsageError(f"scale: {exc}") from exc
+    rid = send_scale_request(exp.dir, ns.num_actors)
+    print(f"Scale request {rid}: {hb.get('num_actors', '?')} -> {ns.num_actors} actors for {exp.name} "
+          f"(driver pid {hb.get('pid')} on {hb.get('host')}); waiting up to {ns.wait:g}s", flush=True)
+    res = wait_scale_result(exp.dir, rid, ns.wait)
+    if res is None:
+        print(f"scale: no answer from the driver within {ns.wait:g}s; the request stays in "
+              f"{exp.dir / 'control.json'} and is applied when the driver reads it", file=sys.stderr)
+        return 1
+    if res.get("status") != "applied":
+        print(f"scale: refused: {res.get('reason')}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"Applied at episode {res.get('episode')}: {res.get('num_actors_before')} -> "
+          f"{res.get('num_actors')} actors" + (f" ({res['reason']})" if res.get("reason") else ""))
+    return 0
+
+
+def cmd_watch(ns) -> int:
+    if not ns.interval > 0:
+        raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
+    exp = _open(ns)
+    from driver.watch import watch
+    return watch(exp.dir, once=ns.once, interval=ns.interval)
+
+
+COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume,
+            "scale": cmd_scale, "watch": cmd_watch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,8 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
         raise CheckpointError(f"experiment {exp.name!r} has no checkpoint to resume from "
                               f"(looked in {exp.checkpoint_dir})")
     ck = load_checkpoint(latest)
+    from driver.recovery import load_resume_snapshot
+    load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))
     target = num_episodes if num_episodes is not None else cfg.num_episodes
     if target <= done:

@@ -27,6 +27,7 @@ from common.config import TrainConfig
 from driver.experiment import Experiment, load_checkpoint
 from driver.local import Stop, build_spec, finish_run
 from driver.recovery import RecoveryMixin
+from driver.live import LiveControlMixin
 from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
 from learner.learner import Learner
 
@@ -95,7 +96,7 @@ def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | N
             ray.shutdown()
 
 
-class DistributedTrainer(RecoveryMixin):
+class DistributedTrainer(RecoveryMixin, LiveControlMixin):
     """One training job on a Ray cluster: starts the roles, runs the driver loop, cleans up."""
 
     def __init__(self, cfg: TrainConfig, exp: Experiment, *, resume_from: str | None,
@@ -223,7 +224,9 @@ class DistributedTrainer(RecoveryMixin):
                    **{k: self.status[k] for k in ("eta", "lambda") if k in self.status}})
         self.last = {"t": now, "env": c.env_steps, "upd": c.updates, "train": c.trial_steps_trained,
                      "idle": idle}
+        self._live_record(rec)                   # driver/live.py: actor_nodes
         self.exp.append_metrics(rec)
+        self.telemetry.log(rec)                  # TensorBoard, Prometheus, heartbeat
         self.bar.clear()
         self.log(progress_line(rec, self.target_episodes))
         if rec["accuracy"] is not None and rec["accuracy"] > c.best_accuracy and c.updates > 0:
@@ -239,6 +242,7 @@ class DistributedTrainer(RecoveryMixin):
         self.wall0 = c.wall_time
         self.steps0 = c.trial_steps_trained
         self.start_roles()
+        self._live_start()                       # driver/live.py: telemetry, heartbeat, scaling
         self.win = ReportWindow()
         self.status = {"version": self.weights[0], "updates": c.updates, "trial_steps": 0, "idle_s": 0.0}
         self.rstats = {"size": 0}
@@ -266,6 +270,7 @@ class DistributedTrainer(RecoveryMixin):
                     self._on_chunk(i, summary)
                     self.inflight[self.actors[i].run_chunk.remote(c.env_steps, self.weights)] = i
                 self._tick()                     # replay snapshot due? (and test fault hooks)
+                self._live_tick()                # scale requests (control.json), heartbeat
                 now = time.time()
                 report_due = c.episodes >= next_report or c.episodes >= self.target_episodes
                 if report_due or now - last_status > STATUS_PERIOD_S:
@@ -279,6 +284,7 @@ class DistributedTrainer(RecoveryMixin):
                     next_ckpt = (c.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
                     self.save(f"checkpoint_{c.episodes}.pt")
         self.bar.clear()
+        self._live_close("interrupted" if interrupted else "finished")
         self.stop_roles()
         self._poll()
         c.wall_time = self.wall0 + time.time() - self.t_start

@@ -6,6 +6,7 @@ of tensors and numbers, loaded with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -113,7 +114,10 @@ class Experiment:
         with open(tmp, "w") as fh:
             json.dump({k: _json_safe(v) for k, v in data.items()}, fh, indent=2)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         return path
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -121,10 +125,13 @@ class Experiment:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / filename
         tmp = path.with_suffix(".pt.tmp")
+        payload = {k: v for k, v in payload.items() if k != "sha256"}
+        payload["sha256"] = payload_digest(payload)     # verified by load_checkpoint
         torch.save(payload, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         return path
 
     def latest_checkpoint(self) -> Path | None:
@@ -171,7 +178,51 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                               f"{reason}); it may be truncated or not a mpn-dqn checkpoint") from exc
     if not isinstance(data, dict) or "learner" not in data or "spec" not in data:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a mpn-dqn checkpoint (missing keys)")
+    stored = data.pop("sha256", None)        # absent in checkpoints written before it existed
+    if stored is not None and stored != payload_digest(data):
+        raise CheckpointError(f"checkpoint {str(path)!r} fails its SHA-256 check; it is damaged "
+                              "(use an older checkpoint_<episode>.pt)")
     return data
+
+
+def payload_digest(obj) -> str:
+    """SHA-256 over a checkpoint payload's content (nested dicts/lists of tensors, numbers,
+    strings), independent of how torch lays out the file."""
+    h = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"D%d" % len(x))
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode() + b"=")
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory) -> None:
+    """Make a rename durable (a crash right after it cannot bring back the old file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _checkpoint_episode(path: Path) -> int:

@@ -17,6 +17,8 @@ from common.config import TrainConfig
 from common.networks import NetSpec, export_params
 from common.tasks import task_dims
 from driver.experiment import Experiment, load_checkpoint
+from driver.recovery import LocalReplaySnapshots
+from driver.telemetry import Telemetry
 from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
 from learner.diagnostics import replay_staleness
 from learner.learner import Learner
@@ -110,10 +112,13 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                          max_burnin=cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0,
                          seed=cfg.seed + counters.episodes)
     sample_rng = np.random.default_rng([cfg.seed, counters.updates])
+    snaps = LocalReplaySnapshots(exp, cfg, buffer, counters, log)   # driver/recovery.py
+    sample_rng = snaps.restore(sample_rng, resume_from)   # resume: the replay snapshot, if any
     win = ReportWindow()
     next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
     next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
     bar = ProgressBar(target_episodes, counters.episodes)
+    telemetry = Telemetry(exp.dir, runtime="local")     # TensorBoard + heartbeat.json
     t_start = time.time()
     wall0 = counters.wall_time
     last = {"t": t_start, "env": counters.env_steps, "upd": counters.updates,
@@ -137,6 +142,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                 buffer.add_many(trials)
                 counters.trials += len(trials)
                 win.add_trials(trials, learner.version)
+                snaps.tick(sample_rng)                    # every --replay-snapshot-every trials
             if episodes:
                 win.add_episodes(episodes)
                 counters.episodes += len(episodes)
@@ -178,6 +184,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                 last = {"t": now, "env": counters.env_steps, "upd": counters.updates,
                         "train": counters.trial_steps_trained}
                 exp.append_metrics(rec)
+                telemetry.log(rec)
                 bar.clear()
                 log(progress_line(rec, target_episodes))
                 if rec["accuracy"] is not None and rec["accuracy"] > counters.best_accuracy \
@@ -190,7 +197,10 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                 counters.wall_time = wall0 + time.time() - t_start
                 exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters),
                                     f"checkpoint_{counters.episodes}.pt")
+                snaps.checkpoint(sample_rng)
     bar.clear()
     collector.close()
+    telemetry.close("interrupted" if interrupted else "finished")
     counters.wall_time = wall0 + time.time() - t_start
+    snaps.checkpoint(sample_rng)
     return finish_run(exp, cfg, spec, learner, counters, interrupted, log=log)

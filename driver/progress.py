@@ -54,6 +54,8 @@ class ReportWindow:
     q_means: list = field(default_factory=list)
     td_abs: list = field(default_factory=list)
     lags: list = field(default_factory=list)
+    q_maxs: list = field(default_factory=list)
+    trial_reward: float = 0.0
     staleness: list = field(default_factory=list)
 
     def add_trials(self, trials, current_version: int | None = None) -> None:
@@ -62,16 +64,18 @@ class ReportWindow:
             self.trials += 1
             self.trial_steps += t.length
             self.fix_break_trials += int(t.fix_breaks > 0)
+            self.trial_reward += float(t.total_reward)
             if current_version is not None:
                 self.lags.append(current_version - t.weights_version)
 
     def add_trial_summaries(self, rows, current_version: int | None = None) -> None:
         """Rows ``[correct, length, fix_break, weights_version, reward]`` (actor summaries)."""
-        for correct, length, brk, version, _reward in rows:
+        for correct, length, brk, version, reward in rows:
             self.correct += int(correct)
             self.trials += 1
             self.trial_steps += int(length)
             self.fix_break_trials += int(brk)
+            self.trial_reward += float(reward)
             if current_version is not None:
                 self.lags.append(current_version - int(version))
 
@@ -87,6 +91,8 @@ class ReportWindow:
             self.q_means.append(float(stats["q_mean"]))
         if "td_abs" in stats:
             self.td_abs.append(float(stats["td_abs"]))
+        if "q_max" in stats:
+            self.q_maxs.append(float(stats["q_max"]))
 
 
 def _mean(xs):
@@ -103,6 +109,8 @@ def make_record(win: ReportWindow, c: Counters, *, env_name: str, dt: int, epsil
         "accuracy": acc, "pct_ideal": pct_of_ideal(acc, env_name, dt),
         "fix_break_rate": (win.fix_break_trials / win.trials) if win.trials else None,
         "loss": _mean(win.losses), "q_mean": _mean(win.q_means), "td_abs": _mean(win.td_abs),
+        "q_max": max(win.q_maxs) if win.q_maxs else None,
+        "reward_per_trial": (win.trial_reward / win.trials) if win.trials else None,
         "epsilon": epsilon, "updates": c.updates, "weights_version": weights_version,
         "policy_lag": _mean(win.lags), "env_steps_per_s": rate_env, "updates_per_s": rate_upd,
         "trial_steps_trained_per_s": rate_train, "replay_size": replay_size,

@@ -24,7 +24,7 @@ from replay.wire import decode_batch
 
 class LearnerWorker:
     def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
-                 publish_period: int = 10, prefetch: int = 2):
+                 publish_period: int = 10, prefetch: int = 2, version_floor: int = 0):
         torch.set_num_threads(1)
         self.cfg = TrainConfig.from_dict(cfg)
         self.spec = NetSpec(**spec)
@@ -33,6 +33,10 @@ class LearnerWorker:
         if checkpoint is not None:
             ck = torch.load(io.BytesIO(checkpoint), map_location=self.learner.device, weights_only=True)
             self.learner.load_state_dict(ck)
+        # a learner restarted from a checkpoint publishes versions above every one already
+        # out there (actors take weights only when their version is newer than their own)
+        self.learner.version = max(self.learner.version, int(version_floor))
+        self.replay_errors = 0
         self.publish_period = publish_period
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop_flag = threading.Event()
@@ -70,12 +74,29 @@ class LearnerWorker:
             self.threads.append(t)
         return True
 
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+    def set_replay(self, replay) -> bool:
+        """Sample from this replay server from now on (the driver restarted it)."""
+        self.replay = replay
+        return True
+
     def _prefetch_loop(self) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
         B = self.cfg.trial_batch_size
         try:
             while not self.stop_flag.is_set():
-                payload = ray.get(self.replay.sample.remote(B))
+                try:
+                    payload = ray.get(self.replay.sample.remote(B), timeout=30)
+                except (RayActorError, GetTimeoutError):
+                    # the replay server died (or hung): wait for the driver to hand over a
+                    # restarted one (set_replay) and go on with it
+                    self.replay_errors += 1
+                    self.stop_flag.wait(0.1)
+                    continue
                 if payload is None:                           # rate limiter: wait for actors
                     time.sleep(0.002)
                     continue
@@ -129,6 +150,7 @@ class LearnerWorker:
             out = {"updates": self.learner.updates, "version": self.learner.version,
                    "trial_steps": self.trial_steps, "idle_s": self.idle_s, "busy_s": self.busy_s,
                    "recent": recent, "error": self.error, "device": str(self.learner.device),
+                   "replay_errors": self.replay_errors,
                    **self.learner.plasticity()}
         return msgpack.packb(out, use_bin_type=True)
 

@@ -4,6 +4,7 @@ a Ray actor (threaded, so inserts and samples run concurrently).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from common.codec import TrialDecodeError, TrialSchema, decode_trials
 from replay.buffer import TrialBuffer
+from replay.snapshot import SnapshotError, pack_snapshot, rng_from_array, rng_to_array, unpack_snapshot
 from replay.wire import encode_batch
 
 
@@ -68,8 +70,12 @@ class ReplayServer:
 
     def __init__(self, capacity: int, schema: dict, *, samples_per_insert: float, min_size: int,
                  batch_size: int, error_buffer: float | None = None, max_burnin: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, epoch: int = 0):
         self.schema = TrialSchema(**schema)
+        self.epoch = int(epoch)                 # which incarnation of the server (restarts + 1)
+        self.seen: dict[str, int] = {}          # source -> last sequence number inserted
+        self.duplicates = 0
+        self.restored: dict | None = None
         self.buffer = TrialBuffer(capacity, self.schema.obs_dim, self.schema.state_size,
                                   max_burnin=max_burnin, seed=seed)
         if error_buffer is None:
@@ -85,25 +91,46 @@ class ReplayServer:
         self.bytes_in = 0
         self.t0 = time.time()
 
-    def insert(self, payload: bytes) -> dict:
-        """Returns {"status": "ok"|"retry"|"rejected", "accepted": n}.  "retry": the rate
-        limiter holds the actors back; send the same payload again later."""
+    def insert(self, payload: bytes, source: str | None = None, seq: int | None = None) -> dict:
+        """Returns {"status": "ok"|"retry"|"rejected", "accepted": n, "epoch": e}.  "retry":
+        the rate limiter holds the actors back; send the same payload again later.
+
+        A message is decoded whole before any of it is stored, so it is inserted entirely or
+        not at all.  With ``source`` (a sender id, one per actor incarnation) and ``seq`` (its
+        message number, increasing) a message already inserted is acknowledged again without
+        being stored twice (``"duplicate": True``): a sender may retry whatever it has no
+        acknowledgement for, e.g. after this server died and came back from a snapshot."""
+        keyed = source is not None or seq is not None
+        if keyed and not (type(source) is str and 0 < len(source) <= 64 and type(seq) is int
+                          and 0 <= seq < 2 ** 62):
+            return self._reject("insert: source must be a str of 1-64 chars and seq an int >= 0")
         with self.lock:
+            if keyed and seq <= self.seen.get(source, -1):
+                self.duplicates += 1
+                return {"status": "ok", "accepted": 0, "duplicate": True, "epoch": self.epoch}
             if not self.limiter.can_insert():
                 self.insert_blocked += 1
-                return {"status": "retry", "accepted": 0}
+                return {"status": "retry", "accepted": 0, "epoch": self.epoch}
         try:
             trials = decode_trials(payload, self.schema)
         except TrialDecodeError as exc:
-            with self.lock:
-                self.rejected += 1
-                self.last_reject = str(exc)[:300]
-            return {"status": "rejected", "accepted": 0, "reason": str(exc)[:300]}
+            return self._reject(str(exc))
         with self.lock:
+            if keyed:
+                if seq <= self.seen.get(source, -1):      # a concurrent retry got there first
+                    self.duplicates += 1
+                    return {"status": "ok", "accepted": 0, "duplicate": True, "epoch": self.epoch}
+                self.seen[source] = seq
             self.buffer.add_many(trials)
             self.limiter.inserts += len(trials)
             self.bytes_in += len(payload)
-        return {"status": "ok", "accepted": len(trials)}
+        return {"status": "ok", "accepted": len(trials), "epoch": self.epoch}
+
+    def _reject(self, reason: str) -> dict:
+        with self.lock:
+            self.rejected += 1
+            self.last_reject = reason[:300]
+        return {"status": "rejected", "accepted": 0, "reason": reason[:300], "epoch": self.epoch}
 
     def sample(self, batch_size: int, pad_multiple: int = 1) -> bytes | None:
         with self.lock:
@@ -122,4 +149,58 @@ class ReplayServer:
                     "rejected": self.rejected, "last_reject": self.last_reject,
                     "insert_blocked": self.insert_blocked, "sample_blocked": self.sample_blocked,
                     "bytes_in": self.bytes_in, "nbytes": self.buffer.nbytes(),
-                    "payload_nbytes": self.buffer.payload_nbytes(), "uptime_s": time.time() - self.t0}
+                    "payload_nbytes": self.buffer.payload_nbytes(), "uptime_s": time.time() - self.t0,
+                    "epoch": self.epoch, "duplicates": self.duplicates}
+
+    # -- fault tolerance -------------------------------------------------------------------------
+    def pid(self) -> int:
+        return os.getpid()
+
+    def snapshot(self, extra: dict | None = None) -> bytes:
+        """The whole server state as checksummed ``.npz`` bytes (see :mod:`replay.snapshot`):
+        the buffer, the rate limiter's counters, the sampling RNG, the de-duplication table,
+        and ``extra`` (a dict of ints, e.g. the driver's counters, stored as ``extra_<key>``).
+        Taken under the lock, so it is one consistent moment; written by the caller."""
+        with self.lock:
+            state = {"buf_" + k: v for k, v in self.buffer.state_dict().items()}
+            state.update(limiter_inserts=self.limiter.inserts, limiter_samples=self.limiter.samples,
+                         rejected=self.rejected, duplicates=self.duplicates,
+                         rng_state=rng_to_array(self.rng), epoch=self.epoch,
+                         seen_sources=np.array(sorted(self.seen), dtype="<U64"),
+                         seen_seqs=np.array([self.seen[k] for k in sorted(self.seen)], np.int64),
+                         time=time.time())
+        for k, v in (extra or {}).items():
+            state["extra_" + str(k)] = np.int64(v) if isinstance(v, (bool, int, np.integer)) \
+                else np.float64(v)
+        return pack_snapshot(state)
+
+    def restore(self, data: bytes, where: str = "replay snapshot") -> dict:
+        """Replace this server's state by a :meth:`snapshot`'s.  Raises :class:`SnapshotError`
+        (nothing changed) if the bytes are damaged or the buffer configuration differs.
+        Returns what was restored: size, inserted, samples, extra."""
+        arrays = unpack_snapshot(data, where)
+        buf_state = {k[4:]: v for k, v in arrays.items() if k.startswith("buf_")}
+        fresh = TrialBuffer(self.buffer.capacity, self.buffer.obs_dim, self.buffer.state_size,
+                            max_burnin=self.buffer.max_burnin)
+        try:
+            fresh.load_state_dict(buf_state)
+            rng = rng_from_array(arrays["rng_state"])
+            sources = [str(x) for x in arrays["seen_sources"].reshape(-1)]
+            seqs = [int(x) for x in arrays["seen_seqs"].reshape(-1)]
+            inserts, samples = int(arrays["limiter_inserts"]), int(arrays["limiter_samples"])
+            rejected, duplicates = int(arrays["rejected"]), int(arrays["duplicates"])
+            if len(sources) != len(seqs) or inserts < len(fresh) or samples < 0:
+                raise ValueError("inconsistent counters or de-duplication table")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SnapshotError(f"replay snapshot {where!r} does not fit this replay server "
+                                f"({exc})") from None
+        extra = {k[6:]: arrays[k].item() for k in arrays if k.startswith("extra_")}
+        with self.lock:
+            self.buffer = fresh
+            self.rng = rng
+            self.seen = dict(zip(sources, seqs))
+            self.limiter.inserts, self.limiter.samples = inserts, samples
+            self.rejected, self.duplicates = rejected, duplicates
+            self.restored = {"size": len(fresh), "inserted": inserts, "samples": samples,
+                             "from_epoch": int(arrays["epoch"]), "extra": extra}
+            return dict(self.restored)

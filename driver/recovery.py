@@ -1,0 +1,396 @@
+"""Fault tolerance: roles that die are restarted and training goes on; replay snapshots.
+
+:class:`RecoveryMixin` gives :class:`driver.distributed.DistributedTrainer` its recovery:
+
+* **an actor dies** (its process is killed, its node goes away): the driver's ``ray.get`` of
+  its chunk raises ``RayActorError``; a fresh actor takes the same index with the current
+  weights and the current replay handle (``actor_restarts``).  What the dead actor had
+  collected but not yet had acknowledged is lost with it — whole trials only: the replay server
+  stores a message entirely or not at all.
+* **the replay server dies**: a call to it raises ``RayActorError``; a new server is started
+  and restored from the newest snapshot, the learner and every actor are handed the new handle
+  (``set_replay``), and the actors retry the messages they had no acknowledgement for.  Each
+  message carries (sender, sequence number) and the server remembers, in the snapshot too,
+  the last one it stored per sender, so a retry is never stored twice.  ``replay_trials_lost``
+  counts the trials the dead server had acknowledged beyond its snapshot:
+  ``(restored count of that server + trials it acknowledged) - restored count of the next``.
+* **the learner dies**: a new learner starts from the newest checkpoint bytes the driver saved
+  (``learner_restarts``), publishing weight versions above any the actors hold.
+
+Snapshots (``--replay-snapshot-every N``): every N trials and with every periodic checkpoint
+the driver asks the server for :meth:`ReplayServer.snapshot` bytes and writes them atomically
+to ``checkpoints/replay_snapshot.npz`` (see :mod:`replay.snapshot`); ``resume`` restores the
+replay server from it and writes ``resume.json``.  :class:`LocalReplaySnapshots` does the same
+for the single-process runtime.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from driver.experiment import CheckpointError, Experiment
+from replay.snapshot import (SnapshotError, pack_snapshot, read_snapshot_file, rng_from_array,
+                             rng_to_array, write_snapshot_file)
+
+SNAPSHOT_NAME = "replay_snapshot.npz"
+_COUNTER_KEYS = ("episodes", "env_steps", "trials", "updates", "trial_steps_trained")
+MAX_CONSECUTIVE_CHUNK_ERRORS = 3
+MAX_RESTARTS_IN_WINDOW = 5          # an actor index that dies more often than this ...
+RESTART_WINDOW_S = 60.0             # ... within this many seconds stops the run
+
+
+def snapshot_path(exp: Experiment) -> Path:
+    return exp.checkpoint_dir / SNAPSHOT_NAME
+
+
+def load_resume_snapshot(exp: Experiment) -> tuple[Path, bytes, dict] | None:
+    """The experiment's replay snapshot, verified, or None if it has none.  A damaged one
+    raises :class:`CheckpointError` naming the file (the CLI exits 2)."""
+    path = snapshot_path(exp)
+    if not path.exists():
+        return None
+    try:
+        data, arrays = read_snapshot_file(path)
+    except SnapshotError as exc:
+        raise CheckpointError(str(exc)) from None
+    return path, data, arrays
+
+
+def snapshot_info(arrays: dict) -> dict:
+    """Size, cumulative inserts/samples and the recorded counters of an unpacked snapshot."""
+    return {"size": int(arrays["buf_size"]), "inserted": int(arrays["limiter_inserts"]),
+            "samples": int(arrays["limiter_samples"]),
+            "extra": {k[6:]: arrays[k].item() for k in arrays if k.startswith("extra_")}}
+
+
+def _counter_extra(counters) -> dict:
+    return {k: int(getattr(counters, k)) for k in _COUNTER_KEYS}
+
+
+class RecoveryMixin:
+    """Restart logic for DistributedTrainer (see the module docstring).  Expects the trainer's
+    attributes: cfg, exp, log, counters, spec, actors, inflight, actor_versions, weights,
+    replay, learner, ck_bytes, replay_cls, learner_cls, actor_cls, cfg_d, spec_d."""
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _init_recovery(self, resume_from: str | None) -> None:
+        self.resume_from = resume_from
+        self.actor_restarts = 0
+        self.replay_restarts = 0
+        self.learner_restarts = 0
+        self.replay_snapshots = 0
+        self.fault_hooks: list = []              # callables(trainer), run each loop turn (tests)
+        self.incarnation: dict[int, int] = {}    # actor index -> restarts of that index
+        self.acked: dict[tuple, dict] = {}       # (index, incarnation) -> {epoch: trials acked}
+        self.replay_epoch = 0
+        self.epoch_start: dict[int, int] = {0: 0}    # epoch -> its server's inserted at start
+        self.epoch_restored: dict[int, int] = {}     # dead epoch -> what its successor restored
+        self.restores: list[dict] = []
+        self.chunk_errors: dict[int, int] = {}
+        self.restart_times: dict[int, list[float]] = {}
+        self.snap_path = snapshot_path(self.exp)
+        self.snap_trials = self.counters.trials
+        self.ck_counters = self.counters.to_dict()
+        self._learner_bytes = None
+        self.resume_snapshot = None
+        if resume_from is not None:
+            self.resume_snapshot = load_resume_snapshot(self.exp)
+
+    def _note(self, msg: str) -> None:
+        bar = getattr(self, "bar", None)
+        if bar is not None:
+            bar.clear()
+        self.log(msg)
+
+    def _new_replay(self):
+        cfg, spec = self.cfg, self.spec
+        burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
+        schema = {"obs_dim": spec.obs_dim, "state_size": spec.state_size,
+                  "num_actions": spec.num_actions, "max_burnin": burn}
+        return self.replay_cls.remote(
+            cfg.buffer_size, schema, samples_per_insert=cfg.replay_ratio,
+            min_size=cfg.learning_starts, batch_size=cfg.trial_batch_size, max_burnin=burn,
+            seed=cfg.seed + self.counters.episodes + 1_000 * self.replay_epoch,
+            epoch=self.replay_epoch)
+
+    def _after_replay_started(self) -> None:
+        """On resume: restore the replay server from the snapshot and write resume.json."""
+        import ray
+        if self.resume_from is None:
+            return
+        info, path = None, None
+        if self.resume_snapshot is not None:
+            path, data, _ = self.resume_snapshot
+            try:
+                info = ray.get(self.replay.restore.remote(data, str(path)))
+            except ray.exceptions.RayTaskError as exc:     # it does not fit this configuration
+                raise CheckpointError(str(exc.cause if hasattr(exc, "cause") else exc)) from None
+            self.resume_snapshot = None          # free the bytes
+            self.epoch_start[0] = info["inserted"]
+            self.restores.append(info)
+            self.log(f"Replay restored from {path.name}: {info['size']} trials "
+                     f"({info['inserted']} inserted in all), snapshot taken at episode "
+                     f"{info['extra'].get('episodes')}")
+        else:
+            self.log("No replay snapshot to restore: the replay buffer starts empty")
+        stats = ray.get(self.replay.stats.remote())
+        write_resume_json(self.exp, self.resume_from, self.counters.to_dict(), path, info,
+                          {"size": stats["size"], "inserted": stats["inserted"],
+                           "sampled": stats["sampled"]})
+
+    # -- calls that survive a dead role ------------------------------------------------------------
+    def _learner_get(self, name: str, *args, timeout: float = 120.0):
+        import ray
+        from ray.exceptions import RayActorError
+        for _ in range(3):
+            try:
+                return ray.get(getattr(self.learner, name).remote(*args), timeout=timeout)
+            except RayActorError:
+                self._restart_learner()
+        raise RuntimeError("the learner died three times in a row; giving up")
+
+    def _replay_get(self, name: str, *args, timeout: float = 120.0):
+        import ray
+        from ray.exceptions import RayActorError
+        for _ in range(3):
+            try:
+                return ray.get(getattr(self.replay, name).remote(*args), timeout=timeout)
+            except RayActorError:
+                self._restart_replay()
+        raise RuntimeError("the replay server died three times in a row; giving up")
+
+    def _learner_checkpoint_bytes(self) -> bytes:
+        self._learner_bytes = self._learner_get("checkpoint_bytes")
+        return self._learner_bytes
+
+    def _params_msg(self) -> bytes:
+        """The current weights' msgpack bytes (refreshing them if their owner died)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, ObjectLostError
+        for _ in range(3):
+            try:
+                return ray.get(self.weights[1][0], timeout=60)
+            except (ObjectLostError, GetTimeoutError):
+                self.weights = self._learner_get("latest_weights")
+        raise RuntimeError("cannot fetch the current weights")
+
+    # -- actors --------------------------------------------------------------------------------------
+    def _collect_chunk(self, i: int, ref) -> dict | None:
+        """The chunk's summary, or None if the actor died (it is replaced and given work)."""
+        import msgpack
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+        try:
+            raw = ray.get(ref)
+        except RayTaskError as exc:             # the actor lives, its chunk failed
+            n = self.chunk_errors[i] = self.chunk_errors.get(i, 0) + 1
+            if n >= MAX_CONSECUTIVE_CHUNK_ERRORS:
+                raise RuntimeError(f"actor {i} failed {n} chunks in a row: {exc}") from exc
+            self._note(f"Actor {i}: chunk failed ({type(exc).__name__}); retrying")
+            self._submit(i)
+            return None
+        except RayActorError:
+            self._replace_actor(i)
+            return None
+        self.chunk_errors[i] = 0
+        summary = msgpack.unpackb(raw, raw=False)
+        self.acked[(i, self.incarnation.get(i, 0))] = {int(e): int(n)
+                                                        for e, n in summary.get("acked", [])}
+        if summary.get("replay_down"):
+            self._check_replay()
+        return summary
+
+    def _submit(self, i: int) -> None:
+        self.inflight[self.actors[i].run_chunk.remote(self.counters.env_steps, self.weights)] = i
+
+    def _replace_actor(self, i: int) -> None:
+        import ray
+        try:
+            ray.kill(self.actors[i])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        now = time.time()
+        recent = [t for t in self.restart_times.get(i, []) if now - t < RESTART_WINDOW_S] + [now]
+        self.restart_times[i] = recent
+        if len(recent) > MAX_RESTARTS_IN_WINDOW:
+            raise RuntimeError(f"actor {i} died {len(recent)} times within {RESTART_WINDOW_S:.0f} s; "
+                               "giving up (see the Ray worker logs for why)")
+        self.actor_restarts += 1
+        inc = self.incarnation[i] = self.incarnation.get(i, 0) + 1
+        params_msg = self._params_msg()
+        self.actors[i] = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
+            self.cfg_d, self.spec_d, i,
+            max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)), self.replay, params_msg,
+            7919 * self.counters.episodes + 104_729 * i + 15_485_863 * inc)
+        self.actor_versions[i] = self.weights[0]
+        self._submit(i)
+        self._note(f"Actor {i} died; started a new one with weights version {self.weights[0]} "
+                   f"(actor restarts: {self.actor_restarts})")
+
+    # -- replay server ---------------------------------------------------------------------------
+    def _check_replay(self) -> None:
+        """An actor could not reach the replay server: restart it if it is dead."""
+        self._replay_get("stats", timeout=30)
+
+    def _restart_replay(self) -> None:
+        import ray
+        dead = self.replay_epoch
+        try:
+            ray.kill(self.replay)
+        except Exception:  # noqa: BLE001
+            pass
+        self.replay_epoch += 1
+        self.replay = self._new_replay()
+        info = None
+        if self.snap_path.exists():
+            try:
+                data, _ = read_snapshot_file(self.snap_path)
+                info = ray.get(self.replay.restore.remote(data, str(self.snap_path)))
+                self.restores.append(info)
+            except (SnapshotError, ray.exceptions.RayTaskError) as exc:
+                self._note(f"Replay snapshot unusable ({exc}); the new replay server starts empty")
+        restored = info["inserted"] if info else 0
+        self.epoch_start[self.replay_epoch] = restored
+        self.epoch_restored[dead] = restored
+        self.replay_restarts += 1
+        try:
+            ray.get(self.learner.set_replay.remote(self.replay), timeout=30)
+        except Exception:  # noqa: BLE001 - a dead learner gets the new handle when restarted
+            pass
+        for a in self.actors:
+            if a is not None:
+                a.set_replay.remote(self.replay)     # runs before the actor's next chunk
+        self._note(f"Replay server died; restarted it from "
+                   f"{'its snapshot (' + str(info['size']) + ' trials)' if info else 'nothing (empty)'}"
+                   f" (replay restarts: {self.replay_restarts})")
+
+    def replay_trials_lost(self) -> int:
+        lost = 0
+        for e, restored_next in self.epoch_restored.items():
+            acked = sum(d.get(e, 0) for d in self.acked.values())
+            lost += max(0, self.epoch_start[e] + acked - restored_next)
+        return lost
+
+    def _snapshot_replay(self) -> None:
+        data = self._replay_get("snapshot", _counter_extra(self.counters))
+        write_snapshot_file(self.snap_path, data)
+        self.snap_trials = self.counters.trials
+        self.replay_snapshots += 1
+
+    # -- learner ---------------------------------------------------------------------------------
+    def _restart_learner(self) -> None:
+        import ray
+        try:
+            ray.kill(self.learner)
+        except Exception:  # noqa: BLE001
+            pass
+        floor = max([int(self.weights[0]), *[int(v) for v in self.actor_versions]])
+        self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes,
+                                               version_floor=floor)
+        ray.get(self.learner.start.remote())
+        self.weights = ray.get(self.learner.latest_weights.remote())
+        self.learner_restarts += 1
+        # the new learner counts from the checkpoint: so do the driver's rates
+        self.steps0 = int(self.ck_counters.get("trial_steps_trained", 0))
+        last = getattr(self, "last", None)
+        if last is not None:
+            last.update(upd=int(self.ck_counters.get("updates", 0)), train=self.steps0, idle=0.0)
+        self._note(f"Learner died; restarted it from "
+                   f"{'the last checkpoint' if self.ck_bytes else 'scratch (no checkpoint yet)'}"
+                   f" at update {self.ck_counters.get('updates', 0)} (learner restarts: "
+                   f"{self.learner_restarts})")
+
+    # -- hooks into the driver loop ----------------------------------------------------------------
+    def _after_save(self, name: str) -> None:
+        """A checkpoint was written: it is now what a restarted learner starts from."""
+        if self._learner_bytes is not None:
+            self.ck_bytes = self._learner_bytes
+            self.ck_counters = self.counters.to_dict()
+        if name.startswith("checkpoint_") and self.cfg.replay_snapshot_every > 0:
+            self._snapshot_replay()
+
+    def _tick(self) -> None:
+        """Once per driver-loop turn: test fault hooks, periodic replay snapshot."""
+        for hook in list(self.fault_hooks):
+            hook(self)
+        n = self.cfg.replay_snapshot_every
+        if n > 0 and self.counters.trials - self.snap_trials >= n:
+            self._snapshot_replay()
+
+    def _final_snapshot(self) -> None:
+        if self.cfg.replay_snapshot_every > 0:
+            self._snapshot_replay()
+
+    def _fault_metrics(self) -> dict:
+        return {"actor_restarts": self.actor_restarts, "replay_restarts": self.replay_restarts,
+                "learner_restarts": self.learner_restarts,
+                "replay_trials_lost": self.replay_trials_lost(),
+                "replay_snapshots": self.replay_snapshots}
+
+
+def write_resume_json(exp: Experiment, checkpoint: str, counters: dict, snapshot: Path | None,
+                      info: dict | None, replay_now: dict) -> None:
+    exp.write_json("resume.json", {
+        "time": time.time(), "checkpoint": str(checkpoint), "counters": counters,
+        "replay_snapshot": str(snapshot) if snapshot else None,
+        "snapshot": info, "replay": replay_now})
+
+
+class LocalReplaySnapshots:
+    """Replay snapshots for the single-process runtime (same file format as the server's)."""
+
+    def __init__(self, exp: Experiment, cfg, buffer, counters, log=print):
+        self.exp, self.cfg, self.buffer, self.counters, self.log = exp, cfg, buffer, counters, log
+        self.path = snapshot_path(exp)
+        self.last_trials = counters.trials
+
+    def restore(self, rng: np.random.Generator, resume_from: str | None) -> np.random.Generator:
+        """On resume: fill the buffer from the snapshot; returns the sampling RNG to use."""
+        if resume_from is None:
+            return rng
+        snap = load_resume_snapshot(self.exp)
+        info = None
+        if snap is not None:
+            path, _, arrays = snap
+            try:
+                self.buffer.load_state_dict({k[4:]: v for k, v in arrays.items()
+                                             if k.startswith("buf_")})
+                rng = rng_from_array(arrays["rng_state"])
+            except (KeyError, ValueError) as exc:
+                raise CheckpointError(f"replay snapshot {str(path)!r} does not fit this run "
+                                      f"({exc})") from None
+            info = snapshot_info(arrays)
+            self.log(f"Replay restored from {path.name}: {info['size']} trials, snapshot taken "
+                     f"at episode {info['extra'].get('episodes')}")
+        write_resume_json(self.exp, resume_from, self.counters.to_dict(),
+                          snap[0] if snap else None, info,
+                          {"size": len(self.buffer), "inserted": self.buffer.inserted,
+                           "sampled": None})
+        return rng
+
+    def snapshot(self, rng: np.random.Generator) -> None:
+        state = {"buf_" + k: v for k, v in self.buffer.state_dict().items()}
+        state.update(limiter_inserts=self.buffer.inserted,
+                     limiter_samples=self.counters.updates * self.cfg.trial_batch_size,
+                     rejected=0, duplicates=0, rng_state=rng_to_array(rng), epoch=0,
+                     seen_sources=np.zeros(0, "<U64"), seen_seqs=np.zeros(0, np.int64),
+                     time=time.time())
+        for k, v in _counter_extra(self.counters).items():
+            state["extra_" + k] = np.int64(v)
+        write_snapshot_file(self.path, pack_snapshot(state))
+        self.last_trials = self.counters.trials
+
+    def tick(self, rng: np.random.Generator) -> None:
+        n = self.cfg.replay_snapshot_every
+        if n > 0 and self.counters.trials - self.last_trials >= n:
+            self.snapshot(rng)
+
+    def checkpoint(self, rng: np.random.Generator) -> None:
+        if self.cfg.replay_snapshot_every > 0:
+            self.snapshot(rng)
+
+
+__all__ = ["RecoveryMixin", "LocalReplaySnapshots", "load_resume_snapshot", "snapshot_info",
+           "snapshot_path", "SNAPSHOT_NAME"]

@@ -1,0 +1,145 @@
+"""More CLI misuse (beyond tests/test_cli.py's table) and damaged files under ``resume``:
+each exits 2 with one line on stderr naming the problem, and writes nothing.  Also: the
+single-process runtime snapshots its replay buffer and ``resume`` restores it."""
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import TrainConfig
+from driver.cli import main
+from replay.snapshot import read_snapshot_file
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+
+PDM = "PerceptualDecisionMaking-v0"
+GUARD = ["--num-actors", "0", "--num-episodes", "1", "--eval-trials", "0", "--envs-per-actor", "1",
+         "--hidden-dim", "4", "--experiment-name", "guard"]
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_line(err: str) -> str:
+    err = err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+MISUSE_EXTRA = [
+    ("float-wrong-type", ["train-neurogym", *GUARD, "--lr", "fast"], ["--lr", "fast"]),
+    ("float-not-finite", ["train-neurogym", *GUARD, "--lr", "nan"], ["--lr"]),
+    ("lr-zero", ["train-neurogym", *GUARD, "--lr", "0"], ["--lr", "> 0"]),
+    ("gamma-above-1", ["train-neurogym", *GUARD, "--gamma", "1.5"], ["--gamma", "<= 1"]),
+    ("dt-zero", ["train-neurogym", *GUARD, "--dt", "0"], ["--dt", ">= 1"]),
+    ("negative-actors", ["train-neurogym", *GUARD, "--num-actors", "-2"], ["--num-actors"]),
+    ("negative-snapshot-period", ["train-neurogym", *GUARD, "--replay-snapshot-every", "-1"],
+     ["--replay-snapshot-every", ">= 0"]),
+    ("snapshot-period-wrong-type", ["train-neurogym", *GUARD, "--replay-snapshot-every", "1e3"],
+     ["--replay-snapshot-every"]),
+    ("bool-flag-with-value", ["train-neurogym", *GUARD, "--dueling=yes"], ["--dueling"]),
+    ("misspelt-snapshot-option", ["train-neurogym", *GUARD, "--replay-snapshot-evry", "5"],
+     ["did you mean --replay-snapshot-every"]),
+    ("eval-no-name", ["eval"], ["--experiment-name"]),
+    ("eval-episodes-wrong-type", ["eval", "--experiment-name", "taken", "--num-eval-episodes", "x"],
+     ["--num-eval-episodes"]),
+    ("resume-zero-episodes", ["resume", "--experiment-name", "taken", "--num-episodes", "0"],
+     ["--num-episodes"]),
+    ("resume-misspelt", ["resume", "--experiment-name", "taken", "--num-episode", "9"],
+     ["did you mean --num-episodes"]),
+    ("resume-no-checkpoint", ["resume", "--experiment-name", "taken"], ["no checkpoint"]),
+    ("resume-path-name", ["resume", "--experiment-name", "../taken"], ["--experiment-name"]),
+]
+
+
+@pytest.mark.parametrize("case_id,argv,expected", MISUSE_EXTRA, ids=[c[0] for c in MISUSE_EXTRA])
+def test_more_misuse_exits_2_with_one_line_and_writes_nothing(case_id, argv, expected, tmp_path,
+                                                              capsys):
+    exps = tmp_path / "exps"
+    (exps / "taken" / "checkpoints").mkdir(parents=True)
+    TrainConfig(experiment_name="taken").save(str(exps / "taken" / "config.json"))
+    before = _files(tmp_path)
+    rc = main([*argv, "--experiments-dir", str(exps)])
+    assert rc == 2
+    msg = _one_line(capsys.readouterr().err)
+    for s in expected:
+        assert s in msg, f"{s!r} not in {msg!r}"
+    assert _files(tmp_path) == before
+
+
+# --- damaged files under resume, and the single-process replay snapshot --------------------------
+
+TRAIN = ["train-neurogym", "--num-actors", "0", "--env-name", PDM, "--num-episodes", "12",
+         "--envs-per-actor", "4", "--trials-per-episode", "4", "--learning-starts", "16",
+         "--trial-batch-size", "8", "--eval-trials", "0", "--print-freq", "4",
+         "--checkpoint-freq", "4", "--hidden-dim", "16", "--replay-snapshot-every", "20"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("local")
+    assert main([*TRAIN, "--experiments-dir", str(root), "--experiment-name", "tiny"]) == 0
+    return root / "tiny"
+
+
+def _copy(trained: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "exps" / trained.name
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _resume(exp: Path, episodes: int):
+    return main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+                 "--num-episodes", str(episodes)])
+
+
+def test_local_run_snapshots_its_replay_and_resume_restores_it(trained, tmp_path, capsys):
+    exp = _copy(trained, tmp_path)
+    _, arrays = read_snapshot_file(exp / "checkpoints" / "replay_snapshot.npz")
+    size, inserted = int(arrays["buf_size"]), int(arrays["limiter_inserts"])
+    ck = torch.load(exp / "checkpoints" / "final_model.pt", weights_only=True)
+    assert size > 0 and int(arrays["extra_episodes"]) == ck["counters"]["episodes"]
+    assert _resume(exp, ck["counters"]["episodes"] + 4) == 0
+    out = capsys.readouterr().out
+    assert f"Replay restored from replay_snapshot.npz: {size} trials" in out
+    res = json.loads((exp / "resume.json").read_text())
+    assert res["replay"]["size"] == size and res["replay"]["inserted"] == inserted
+    assert res["counters"] == ck["counters"]
+
+
+@pytest.mark.parametrize("damage", ["truncate-checkpoint", "alter-checkpoint", "truncate-snapshot",
+                                    "garbage-snapshot"])
+def test_resume_with_a_damaged_file_exits_2_naming_it_and_writes_nothing(trained, tmp_path, capsys,
+                                                                         damage):
+    exp = _copy(trained, tmp_path)
+    # as a killed run leaves it: periodic checkpoints, no final model
+    (exp / "checkpoints" / "final_model.pt").unlink()
+    ck_path = max((exp / "checkpoints").glob("checkpoint_*.pt"), key=lambda p: int(p.stem[11:]))
+    snap = exp / "checkpoints" / "replay_snapshot.npz"
+    if damage == "truncate-checkpoint":
+        bad = ck_path
+        bad.write_bytes(ck_path.read_bytes()[:5000])
+    elif damage == "alter-checkpoint":
+        bad = ck_path
+        ck = torch.load(ck_path, weights_only=True)
+        first = next(iter(ck["learner"]["online"]))
+        ck["learner"]["online"][first].view(-1)[0] += 1.0
+        torch.save(ck, ck_path)
+    elif damage == "truncate-snapshot":
+        bad = snap
+        bad.write_bytes(snap.read_bytes()[:-100])
+    else:
+        bad = snap
+        bad.write_bytes(b"PK\x03\x04" + b"\0" * 300)
+    before = _files(tmp_path)
+    rc = _resume(exp, 40)
+    assert rc == 2
+    msg = _one_line(capsys.readouterr().err)
+    assert str(bad) in msg
+    assert _files(tmp_path) == before
