@@ -49,7 +49,8 @@ ABLATIONS = {
 
 def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: int = 100,
             budget_min: float | None = None, eval_trials: int = 1000, budget_trials: int | None = None) -> dict:
-    name = f"{group}-{task.split('-')[0]}-dt{dt}-s{seed}-{zlib.crc32(repr((label, extra)).encode()) % 10**6}"
+    slug = "".join(c if c.isalnum() else "-" for c in group)
+    name = f"{slug}-{task.split('-')[0]}-dt{dt}-s{seed}-{zlib.crc32(repr((label, extra)).encode()) % 10**6}"
     cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", task, "--dt", str(dt),
            "--seed", str(seed), "--experiments-dir", str(RUNS_DIR), "--experiment-name", name,
            "--overwrite", "--eval-trials", str(eval_trials), *extra]
