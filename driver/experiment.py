@@ -7,6 +7,7 @@ of tensors and numbers, loaded with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, TrainConfig, check_experiment_name
+from replay.snapshot import write_atomic
 
 
 class ExperimentError(ValueError):
@@ -109,30 +111,17 @@ class Experiment:
         return out
 
     def write_json(self, name: str, data: dict) -> Path:
-        path = self.dir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({k: _json_safe(v) for k, v in data.items()}, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return path
+        text = json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2) + "\n"
+        return write_atomic(self.dir / name, text.encode())
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, payload: dict, filename: str) -> Path:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / filename
-        tmp = path.with_suffix(".pt.tmp")
         payload = {k: v for k, v in payload.items() if k != "sha256"}
         payload["sha256"] = payload_digest(payload)     # verified by load_checkpoint
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return path
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return write_atomic(self.checkpoint_dir / filename, buf.getvalue())
 
     def latest_checkpoint(self) -> Path | None:
         """The newest of checkpoint_<episode>.pt and final_model.pt (by recorded progress)."""
@@ -209,20 +198,6 @@ def payload_digest(obj) -> str:
 
     walk(obj)
     return h.hexdigest()
-
-
-def _fsync_dir(directory) -> None:
-    """Make a rename durable (a crash right after it cannot bring back the old file)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _checkpoint_episode(path: Path) -> int:

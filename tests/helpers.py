@@ -50,3 +50,24 @@ def assert_trials_equal(a: Trial, b: Trial) -> None:
                  "trial_index", "weights_version"):
         assert getattr(a, name) == getattr(b, name), name
         assert type(getattr(a, name)) is type(getattr(b, name)), name
+
+
+def msgpack_paths(obj, prefix=()):
+    """Every path (tuple of keys / indices) into a decoded msgpack structure, root first."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from msgpack_paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from msgpack_paths(v, prefix + (i,))
+
+
+def assert_only_decode_errors(payload: bytes, schema) -> None:
+    """Decoding ``payload`` either succeeds (a list of trials) or raises TrialDecodeError."""
+    from common.codec import TrialDecodeError, decode_trials
+    try:
+        out = decode_trials(payload, schema)
+    except TrialDecodeError:
+        return
+    assert isinstance(out, list)

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from common.codec import (TrialDecodeError, TrialSchema, decode_params, decode_trials,  # noqa: E402
                           encode_params, encode_trials)
-from tests.helpers import make_trial  # noqa: E402
+from tests.helpers import make_trial, msgpack_paths  # noqa: E402
 
 SCHEMA = TrialSchema(obs_dim=3, state_size=8, num_actions=3, max_burnin=10)
 KINDS = ("random", "flip", "truncate", "structure", "huge", "valid")
@@ -74,19 +74,9 @@ def random_tree(rng: np.random.Generator, depth: int = 0):
             random_tree(rng, depth + 1) for i in range(int(rng.integers(0, 5)))}
 
 
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
-
-
 def replace_field(rng, msg: bytes) -> bytes:
     obj = msgpack.unpackb(msg, raw=False)
-    paths = [p for p in _paths(obj) if p]
+    paths = [p for p in msgpack_paths(obj) if p]
     path = paths[int(rng.integers(0, len(paths)))]
     target = obj
     for k in path[:-1]:
