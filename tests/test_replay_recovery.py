@@ -152,24 +152,24 @@ def test_atomic_write_killed_before_rename_keeps_the_old_file(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["replay_snapshot.npz"]
 
 
-def test_checkpoint_killed_mid_write_leaves_nothing_resume_would_load(tmp_path, monkeypatch):
+@pytest.mark.parametrize("die_at", ["fsync", "replace"])
+def test_checkpoint_killed_mid_write_leaves_nothing_resume_would_load(tmp_path, monkeypatch, die_at):
+    """A kill while the temp file is being made durable, or just before the rename: the new
+    checkpoint never appears under its name and the previous one is still what resume loads."""
+    import replay.snapshot as snap
     exp = Experiment(tmp_path, "x")
     exp.create(TrainConfig(experiment_name="x"))
     payload = {"learner": {"w": torch.arange(6.0)}, "spec": {}, "counters": {"episodes": 8}}
     exp.save_checkpoint(payload, "checkpoint_8.pt")
-    real_save = torch.save
 
-    def half_save(obj, f, *a, **k):                   # writes half a file, then "dies"
-        buf = io.BytesIO()
-        real_save(obj, buf)
-        with open(f, "wb") as fh:
-            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    def die(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr(torch, "save", half_save)
+    monkeypatch.setattr(snap.os, die_at, die)
     with pytest.raises(KeyboardInterrupt):
         exp.save_checkpoint({**payload, "counters": {"episodes": 16}}, "checkpoint_16.pt")
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert not (exp.checkpoint_dir / "checkpoint_16.pt").exists()
+    assert not any(p.name.endswith(".tmp") for p in exp.checkpoint_dir.iterdir())
     latest = exp.latest_checkpoint()
     assert latest.name == "checkpoint_8.pt"
     assert load_checkpoint(latest)["counters"]["episodes"] == 8
