@@ -129,7 +129,15 @@ def write_report() -> None:
         lines.append("")
     abl = [r for r in rows if r["group"].startswith("ablation:")]
     if abl:
-        lines += ["## Ablations (each at a fixed budget)", "",
+        lines += ["## Ablations (each at a fixed budget)", ""]
+        for task in sorted({r["task"] for r in abl}):
+            ref = [r.get("accuracy") for r in abl if r["task"] == task and "(default)" in r["label"]
+                   and r.get("accuracy") is not None]
+            if len(ref) > 1:
+                lines += [f"Noise floor: the default configuration on {task} was run {len(ref)} times "
+                          f"(once per ablation and seed): mean {sum(ref) / len(ref):.3f}, min {min(ref):.3f}, "
+                          f"max {max(ref):.3f}. Differences smaller than that spread are not evidence.", ""]
+        lines += [
                   "| ablation | task | variant | seeds | accuracy | % of ideal | budget |", "|---|---|---|---|---|---|---|"]
         for key in sorted({(r["group"], r["task"], r["label"]) for r in abl}):
             rs = [r for r in abl if (r["group"], r["task"], r["label"]) == key]
