@@ -213,8 +213,11 @@ def main() -> None:
     elif args.grid == "long":
         for task in args.tasks:
             for seed in args.seeds:
+                label = "defaults + --bptt-chunk-size 40" + (
+                    f" --num-episodes {args.extra[args.extra.index('--num-episodes') + 1]}"
+                    if "--num-episodes" in args.extra else "")
                 ran.append(run_one("long", task, seed, ["--bptt-chunk-size", "40", *args.extra],
-                                   "defaults + --bptt-chunk-size 40", dt=10, eval_trials=args.eval_trials))
+                                   label, dt=10, eval_trials=args.eval_trials))
     elif args.grid == "ablations":
         for name in args.ablations:
             for label, opts in ABLATIONS[name]:
