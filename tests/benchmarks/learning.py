@@ -10,6 +10,7 @@ per run), so the grid can be run in pieces and the report rebuilt from everythin
     python tests/benchmarks/learning.py cores --seeds 0             # MPN vs GRU vs LSTM
     python tests/benchmarks/learning.py ablations --tasks DelayMatchSample-v0 --seeds 0   # 40000 trials each
     python tests/benchmarks/learning.py long --tasks PerceptualDecisionMaking-v0   # goal 2: dt 10
+    python tests/benchmarks/learning.py other --tasks GoNogo-v0 DelayComparison-v0 --seeds 0
     python tests/benchmarks/learning.py report                      # rebuild docs/ from results.jsonl
 
 Last line: one JSON object summarising what this invocation ran.
@@ -109,7 +110,9 @@ def write_report() -> None:
              "machine; every row is a real run of `python main.py train-neurogym` with the defaults plus the",
              "options shown. Mean over seeds, spread = max - min.", ""]
     for group, title in (("main", "Goal 1: defaults, dt = 100, M kept across 10-trial episodes"),
-                         ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores")):
+                         ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores"),
+                         ("other", "Goal 3: other NeuroGym tasks, same defaults (no ideal-observer "
+                                   "ceiling known here: accuracy only)")):
         sel = [r for r in rows if r["group"] == group]
         if not sel:
             continue
@@ -188,7 +191,7 @@ def _plot(rows) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "report"])
+    ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "other", "report"])
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget-min", type=float, default=None,
@@ -204,6 +207,10 @@ def main() -> None:
         for task in args.tasks:
             for seed in args.seeds:
                 ran.append(run_one("main", task, seed, list(args.extra), "defaults", eval_trials=args.eval_trials))
+    elif args.grid == "other":
+        for task in args.tasks:
+            for seed in args.seeds:
+                ran.append(run_one("other", task, seed, list(args.extra), "defaults", eval_trials=args.eval_trials))
     elif args.grid == "cores":
         for task in args.tasks:
             for seed in args.seeds:
