@@ -146,7 +146,7 @@ def test_target_net_uses_its_own_state_not_the_online_state():
     loss, _ = td_loss(online, target, b, gamma=0.9, n_step=1)
     assert not torch.allclose(y, y_wrong)
     ref = reference_loss(online, target, trials, 0.9, 1, 1.0, None)
-    assert float(loss) == pytest.approx(float(ref.detach()), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), abs=1e-6)
 
 
 class _SavedBytes:
