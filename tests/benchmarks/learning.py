@@ -171,8 +171,10 @@ def _plot(rows) -> None:
         ideal = ideal_accuracy(task, dt)
         for r in [r for r in sel if (r["task"], r["dt"]) == (task, dt)]:
             c = [p for p in r["curve"] if p[2] is not None]
-            axes[0, j].plot([p[0] for p in c], [p[2] for p in c], lw=1, label=f"seed {r['seed']}")
-            axes[1, j].plot([p[1] for p in c], [p[2] for p in c], lw=1, label=f"seed {r['seed']}")
+            lab = f"seed {r['seed']}" + (f" ({r['label'].split('--num-episodes')[1].strip()} episodes)"
+                                         if "--num-episodes" in r["label"] else "")
+            axes[0, j].plot([p[0] for p in c], [p[2] for p in c], lw=1, label=lab)
+            axes[1, j].plot([p[1] for p in c], [p[2] for p in c], lw=1, label=lab)
         for i, xl in enumerate(("wall time (s)", "env steps")):
             ax = axes[i, j]
             if ideal:
