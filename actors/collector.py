@@ -200,7 +200,11 @@ class TrialCollector:
             self.discarding[k] = False
             self._start_episode(k)
             return None
-        correct = final_reward >= self.correct_reward - 1e-6
+        # Correct: the final reward is the task's "correct" reward, or the answer due at the last
+        # step was "fixate" (a withhold trial, e.g. GoNogo's no-go: NeuroGym rewards it 0) and the
+        # agent fixated.
+        correct = final_reward >= self.correct_reward - 1e-6 or (
+            int(self.buf_gt[k, T - 1]) == 0 and int(self.buf_act[k, T - 1]) == 0 and final_reward >= 0)
         rewards = self.buf_rew[k, :T].copy()
         fix = int((rewards == np.float32(self.abort_reward)).sum()) if self.abort_reward is not None else 0
         trial = Trial(

@@ -303,3 +303,18 @@ def test_burn_in_replays_into_the_init_state(env_name, n):
             checked += 1
     assert checked >= 4
     col.close()
+
+
+def test_withhold_trials_count_as_correct_when_the_agent_fixates():
+    """GoNogo's no-go trials reward a correct withhold with 0: an oracle must still score 1.0."""
+    from actors.collector import TrialCollector
+    from common.networks import NetSpec, QNetwork, export_params
+    spec = NetSpec(core="mpn", obs_dim=3, num_actions=2, hidden_dim=8)
+    col = TrialCollector("GoNogo-v0", 100, spec, export_params(QNetwork(spec)), num_envs=2,
+                         trials_per_episode=5, seed=3)
+    col._act = lambda q: np.array([int(u.gt_now) for u in col.units])      # oracle
+    trials = []
+    while len(trials) < 30:
+        trials.extend(col.step()[0])
+    assert {int(t.gt[-1]) for t in trials} == {0, 1}                        # both go and no-go
+    assert all(t.correct for t in trials)
