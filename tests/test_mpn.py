@@ -86,11 +86,11 @@ def test_learnable_lambda_stays_in_range_and_eta_may_be_negative():
     with torch.no_grad():
         core.lambda_logit.fill_(50.0)
     eta, lam = core.plasticity()
-    assert float(eta) == pytest.approx(-0.5)
-    assert 0.0 <= float(lam) <= 0.95
+    assert float(eta.detach()) == pytest.approx(-0.5)
+    assert 0.0 <= float(lam.detach()) <= 0.95
     with torch.no_grad():
         core.lambda_logit.fill_(-50.0)
-    assert 0.0 <= float(core.plasticity()[1]) <= 0.95
+    assert 0.0 <= float(core.plasticity()[1].detach()) <= 0.95
     assert {n for n, _ in core.named_parameters()} == {"W", "b", "eta_param", "lambda_logit"}
 
 
