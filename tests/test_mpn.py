@@ -136,8 +136,7 @@ def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
 @pytest.mark.parametrize("learn", [False, True])
 def test_cpu_kernels_match_the_torch_scan(learn):
     from common import mpn_numba
-    if not mpn_numba.available():
-        pytest.skip("numba not installed")
+    assert mpn_numba.available(), "numba is a dependency: pip install -e ."
     torch.manual_seed(1)
     core = MPNCore(3, 10, eta=0.3, lambda_decay=0.8, learn_plasticity=learn).double()
     x = torch.randn(4, 15, 3, dtype=torch.float64)
