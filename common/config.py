@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -72,11 +71,8 @@ def _check_field(obj: Any, f: dataclasses.Field) -> None:
 
 
 def _is_optional(f: dataclasses.Field) -> bool:
-    t = f.type if not isinstance(f.type, str) else _HINTS_CACHE.get(f.name)
-    return "Optional" in str(f.type) or "None" in str(f.type) or (t is not None and type(None) in typing.get_args(t))
-
-
-_HINTS_CACHE: dict = {}
+    """Field annotations are strings here (``from __future__ import annotations``)."""
+    return "Optional" in str(f.type) or "None" in str(f.type)
 
 
 def _base_type(f: dataclasses.Field) -> type:

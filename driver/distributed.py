@@ -131,7 +131,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
     # -- roles ---------------------------------------------------------------------------------
     def start_roles(self) -> None:
         import ray
-        cfg, spec = self.cfg, self.spec
+        cfg = self.cfg
         self.replay = self._new_replay()
         self._after_replay_started()             # resume: restore the replay snapshot
         self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes)
@@ -142,7 +142,6 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
 
     def add_actor(self) -> None:
         """Start one more actor with the current weights and give it work."""
-        import ray
         i = len(self.actors)
         params_msg = self._params_msg()
         actor = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
@@ -170,7 +169,6 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def learner_state(self) -> dict:
-        import ray
         return torch.load(io.BytesIO(self._learner_checkpoint_bytes()),
                           map_location="cpu", weights_only=True)
 
@@ -191,7 +189,6 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.actor_versions[i] = summary["weights_version"]
 
     def _poll(self) -> None:
-        import ray
         self.status = msgpack.unpackb(self._learner_get("status"), raw=False)
         if self.status.get("error"):
             raise RuntimeError(f"learner failed: {self.status['error']}")

@@ -75,8 +75,6 @@ class Experiment:
     def open_existing(cls, root: str, name: str) -> "Experiment":
         exp = cls(root, name)
         if not exp.config_path.exists():
-            known = sorted(p.name for p in Path(root).glob("*/config.json")) if Path(root).exists() else []
-            known = [Path(k).parent.name if "/" in k else k for k in known]
             names = sorted(p.parent.name for p in Path(root).glob("*/config.json")) if Path(root).exists() else []
             hint = f"; existing experiments: {', '.join(names)}" if names else f"; {root}/ holds none"
             raise ExperimentError(f"no experiment {name!r} under {root}/{hint}")

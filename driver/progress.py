@@ -59,14 +59,8 @@ class ReportWindow:
     staleness: list = field(default_factory=list)
 
     def add_trials(self, trials, current_version: int | None = None) -> None:
-        for t in trials:
-            self.correct += int(t.correct)
-            self.trials += 1
-            self.trial_steps += t.length
-            self.fix_break_trials += int(t.fix_breaks > 0)
-            self.trial_reward += float(t.total_reward)
-            if current_version is not None:
-                self.lags.append(current_version - t.weights_version)
+        self.add_trial_summaries([[t.correct, t.length, t.fix_breaks > 0, t.weights_version, 0.0]
+                                  for t in trials], current_version)
 
     def add_trial_summaries(self, rows, current_version: int | None = None) -> None:
         """Rows ``[correct, length, fix_break, weights_version, reward]`` (actor summaries)."""

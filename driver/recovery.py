@@ -142,24 +142,22 @@ class RecoveryMixin:
 
     # -- calls that survive a dead role ------------------------------------------------------------
     def _learner_get(self, name: str, *args, timeout: float = 120.0):
-        import ray
-        from ray.exceptions import RayActorError
-        for _ in range(3):
-            try:
-                return ray.get(getattr(self.learner, name).remote(*args), timeout=timeout)
-            except RayActorError:
-                self._restart_learner()
-        raise RuntimeError("the learner died three times in a row; giving up")
+        return self._call_role("learner", self._restart_learner, name, *args, timeout=timeout)
 
     def _replay_get(self, name: str, *args, timeout: float = 120.0):
+        return self._call_role("replay", self._restart_replay, name, *args, timeout=timeout,
+                               what="replay server")
+
+    def _call_role(self, attr: str, restart, name: str, *args, timeout: float, what: str | None = None):
+        """``ray.get(self.<attr>.<name>(*args))``, restarting the role (up to 3 times) if it died."""
         import ray
         from ray.exceptions import RayActorError
         for _ in range(3):
             try:
-                return ray.get(getattr(self.replay, name).remote(*args), timeout=timeout)
+                return ray.get(getattr(getattr(self, attr), name).remote(*args), timeout=timeout)
             except RayActorError:
-                self._restart_replay()
-        raise RuntimeError("the replay server died three times in a row; giving up")
+                restart()
+        raise RuntimeError(f"the {what or attr} died three times in a row; giving up")
 
     def _learner_checkpoint_bytes(self) -> bytes:
         self._learner_bytes = self._learner_get("checkpoint_bytes")

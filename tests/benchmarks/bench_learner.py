@@ -20,7 +20,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.networks import NetSpec, QNetwork  # noqa: E402
