@@ -77,33 +77,37 @@ class TrialCollector:
         abort = u0.rewards.get("abort") if hasattr(u0, "rewards") else None
         self.abort_reward = float(abort) if abort is not None and abort < 0 else None
         O = spec.obs_dim
-        self.obs = np.zeros((num_envs, O), np.float32)
+        # Step records live in a time-major ring of lockstep rows [R, K, ...]: row t % R holds
+        # what every env saw, did and got at lockstep step t, so each step writes whole rows
+        # (cheap) and a finished trial of env k is column k of rows start[k] .. t.  The ring
+        # doubles when a trial in progress would outgrow it.
+        self._R = 256
+        self.buf_obs = np.zeros((self._R, num_envs, O), np.float32)
+        self.buf_act = np.zeros((self._R, num_envs), np.int64)
+        self.buf_rew = np.zeros((self._R, num_envs), np.float32)
+        self.buf_gt = np.zeros((self._R, num_envs), np.int64)
+        self.t = 0                                        # lockstep steps taken
+        self.start = np.zeros(num_envs, np.int64)         # lockstep step of each trial's first step
         for k, env in enumerate(self.envs):
             o, _ = env.reset(seed=env_seeds[k])
-            self.obs[k] = o
+            self.buf_obs[0, k] = o
+        self.obs = self.buf_obs[0]                        # the observations the next step acts on
         self.state = np.zeros((num_envs, spec.state_size), np.float32)
         # env.unwrapped.trial already describes the *next* trial once new_trial is seen, so the
         # ground truth of the trial in progress is captured when that trial starts.
-        self.cur_gt = np.array([_ground_truth(u) for u in self.units], np.int64)
-        # lockstep step buffers of the trials in progress: [K, cap, ...], env k at position pos[k]
-        self._cap = 64
-        self.buf_obs = np.zeros((num_envs, self._cap, O), np.float32)
-        self.buf_act = np.zeros((num_envs, self._cap), np.int64)
-        self.buf_rew = np.zeros((num_envs, self._cap), np.float32)
-        self.buf_gt = np.zeros((num_envs, self._cap), np.int64)
-        self.pos = np.zeros(num_envs, np.int64)
-        self._ar = np.arange(num_envs)
-        self._gts = np.zeros(num_envs, np.int64)
-        self._rews = np.zeros(num_envs, np.float32)
+        self.cur_gt = [_ground_truth(u) for u in self.units]
+        self.n_actions = spec.num_actions
+        self._rand_block = 512                            # exploration draws, a block at a time
+        self._rand_i = self._rand_block
         self.trial_start_state = np.zeros_like(self.state)
-        self.discarding = np.ones(num_envs, bool)        # first trial after reset is spoiled
-        self.trial_in_episode = np.zeros(num_envs, np.int64)
+        self.discarding = [True] * num_envs               # first trial after reset is spoiled
+        self.trial_in_episode = [0] * num_envs
         self.episode_counter = 0
-        self.episode_id = np.zeros(num_envs, np.int64)
-        self.ep_reward = np.zeros(num_envs)
-        self.ep_steps = np.zeros(num_envs, np.int64)
-        self.ep_correct = np.zeros(num_envs, np.int64)
-        self.ep_fix = np.zeros(num_envs, np.int64)
+        self.episode_id = [0] * num_envs
+        self.ep_reward = [0.0] * num_envs
+        self.ep_steps = [0] * num_envs
+        self.ep_correct = [0] * num_envs
+        self.ep_fix = [0] * num_envs
         # Burn-in: ring of the last N observations and of the states before each of them.
         if self.burn_in > 0:
             self.ring_obs = np.zeros((num_envs, self.burn_in, O), np.float32)
@@ -120,43 +124,50 @@ class TrialCollector:
 
     # -- stepping --------------------------------------------------------------------------
     def _act(self, q: np.ndarray) -> np.ndarray:
+        """ε-greedy over Q-values [K,A], with the collector's own RNG (uniforms and random
+        actions are drawn a block of steps at a time: one call per step is the slow part)."""
         greedy = q.argmax(axis=1)
         if self.epsilon <= 0:
             return greedy
-        explore = self.rng.random(self.K) < self.epsilon
-        if explore.any():
-            greedy[explore] = self.rng.integers(0, q.shape[1], size=int(explore.sum()))
+        if self._rand_i >= self._rand_block:
+            self._u = self.rng.random((self._rand_block, self.K))
+            self._ra = self.rng.integers(0, q.shape[1], size=(self._rand_block, self.K))
+            self._rand_i = 0
+        i = self._rand_i
+        self._rand_i += 1
+        np.copyto(greedy, self._ra[i], where=self._u[i] < self.epsilon)
         return greedy
 
     def step(self) -> tuple[list[Trial], list[EpisodeStats]]:
         """Advance every env by one step; return trials and episodes that completed."""
         trials: list[Trial] = []
         episodes: list[EpisodeStats] = []
+        R, t = self._R, self.t
+        if t + 1 - int(self.start.min()) >= R:            # a trial in progress would wrap: grow
+            self._grow()
+            R = self._R
+        row, nxt = t % R, (t + 1) % R
+        obs = self.obs = self.buf_obs[row]                # [K,O] what the network sees now
         if self.burn_in > 0:
             self._ring_push()
-        q = self.policy.step(self.obs, self.state)        # state now holds M after this step
+        q = self.policy.step(obs, self.state)             # state now holds M after this step
         actions = self._act(q)
-        if self.pos.max() >= self._cap:
-            self._grow()
-        ar, pos = self._ar, self.pos
-        self.buf_obs[ar, pos] = self.obs                  # what the network saw at this step
-        self.buf_act[ar, pos] = actions
-        gts, rews, obs = self._gts, self._rews, self.obs
+        self.buf_act[row] = actions
+        gts, rews, next_obs = self.buf_gt[row], self.buf_rew[row], self.buf_obs[nxt]
         ended = []
         for k, (env, u, a) in enumerate(zip(self.envs, self.units, actions.tolist())):
             gts[k] = u.gt_now                             # the answer this step is scored against
             o, r, _term, _trunc, info = env.step(a)
-            obs[k] = o
+            next_obs[k] = o
             rews[k] = r
             if info.get("new_trial", False):
                 ended.append(k)
-        self.buf_gt[ar, pos] = gts
-        self.buf_rew[ar, pos] = rews
-        self.pos += 1
+        self.t = t + 1
+        self.obs = next_obs
         for k in ended:
-            t = self._finish_trial(k, self.units[k], float(rews[k]))
-            if t is not None:
-                trials.append(t)
+            tr = self._finish_trial(k, self.units[k], float(rews[k]))
+            if tr is not None:
+                trials.append(tr)
                 ep = self._maybe_end_episode(k)
                 if ep is not None:
                     episodes.append(ep)
@@ -164,13 +175,16 @@ class TrialCollector:
         return trials, episodes
 
     def _grow(self) -> None:
-        new = 2 * self._cap
+        """Double the ring, keeping the rows of every trial in progress at their step index."""
+        old_R, new_R = self._R, 2 * self._R
+        g = np.arange(self.t + 1 - old_R, self.t + 1)     # the last old_R lockstep steps
+        g = g[g >= 0]
         for name in ("buf_obs", "buf_act", "buf_rew", "buf_gt"):
             old = getattr(self, name)
-            grown = np.zeros((old.shape[0], new) + old.shape[2:], old.dtype)
-            grown[:, : self._cap] = old
+            grown = np.zeros((new_R,) + old.shape[1:], old.dtype)
+            grown[g % new_R] = old[g % old_R]
             setattr(self, name, grown)
-        self._cap = new
+        self._R = new_R
 
     def _ring_push(self) -> None:
         """Record (state before this step, obs of this step) for burn-in of the next trial."""
@@ -189,10 +203,10 @@ class TrialCollector:
             np.zeros(0, np.float32)
 
     def _finish_trial(self, k: int, u, final_reward: float) -> Trial | None:
-        T = int(self.pos[k])
-        self.pos[k] = 0
+        s, end = int(self.start[k]), self.t              # the trial's steps: s .. end-1
+        self.start[k] = end
         start_state = self.trial_start_state[k].copy()
-        ground_truth = int(self.cur_gt[k])
+        ground_truth = self.cur_gt[k]
         self.cur_gt[k] = _ground_truth(u)                          # the trial that starts now
         self.trial_start_state[k] = self.state[k]                   # next trial starts from here
         if self.discarding[k]:
@@ -200,19 +214,25 @@ class TrialCollector:
             self.discarding[k] = False
             self._start_episode(k)
             return None
+        T = end - s
+        rows = np.arange(s, end) % self._R
+        actions = self.buf_act[rows, k]
+        rewards = self.buf_rew[rows, k]
+        gt = self.buf_gt[rows, k]
         # Correct: the final reward is the task's "correct" reward, or the answer due at the last
         # step was "fixate" (a withhold trial, e.g. GoNogo's no-go: NeuroGym rewards it 0) and the
         # agent fixated.
         correct = final_reward >= self.correct_reward - 1e-6 or (
-            int(self.buf_gt[k, T - 1]) == 0 and int(self.buf_act[k, T - 1]) == 0 and final_reward >= 0)
-        rewards = self.buf_rew[k, :T].copy()
-        fix = int((rewards == np.float32(self.abort_reward)).sum()) if self.abort_reward is not None else 0
+            gt[-1] == 0 and actions[-1] == 0 and final_reward >= 0)
+        fix = int(np.count_nonzero(rewards == np.float32(self.abort_reward))) \
+            if self.abort_reward is not None else 0
+        trial_end = np.zeros(T, bool)
+        trial_end[-1] = True
         trial = Trial(
-            obs=self.buf_obs[k, :T].copy(), actions=self.buf_act[k, :T].copy(), rewards=rewards,
-            gt=self.buf_gt[k, :T].copy(), trial_end=np.arange(T) == T - 1, init_state=start_state,
-            ground_truth=ground_truth, correct=bool(correct), fix_breaks=fix,
-            episode_id=int(self.episode_id[k]), actor_id=self.actor_id, env_id=k,
-            trial_index=int(self.trial_in_episode[k]), weights_version=self.weights_version)
+            obs=self.buf_obs[rows, k], actions=actions, rewards=rewards, gt=gt, trial_end=trial_end,
+            init_state=start_state, ground_truth=ground_truth, correct=bool(correct), fix_breaks=fix,
+            episode_id=self.episode_id[k], actor_id=self.actor_id, env_id=k,
+            trial_index=self.trial_in_episode[k], weights_version=self.weights_version)
         if self.burn_in > 0:
             prev = self.prev_burnin[k]
             if prev is not None:
@@ -222,19 +242,18 @@ class TrialCollector:
                 trial.burnin_state = np.zeros(0, np.float32)
             self.prev_burnin[k] = self._ring_snapshot(k)
         self.trial_in_episode[k] += 1
-        self.ep_reward[k] += trial.total_reward
+        self.ep_reward[k] += float(rewards.sum())
         self.ep_steps[k] += T
-        self.ep_correct[k] += int(correct)
+        self.ep_correct[k] += bool(correct)
         self.ep_fix[k] += fix
         return trial
 
     def _maybe_end_episode(self, k: int) -> EpisodeStats | None:
         if self.trial_in_episode[k] < self.trials_per_episode:
             return None
-        stats = EpisodeStats(episode_id=int(self.episode_id[k]), env_id=k,
-                             trials=int(self.trial_in_episode[k]), steps=int(self.ep_steps[k]),
-                             reward=float(self.ep_reward[k]), correct=int(self.ep_correct[k]),
-                             fix_breaks=int(self.ep_fix[k]))
+        stats = EpisodeStats(episode_id=self.episode_id[k], env_id=k, trials=self.trial_in_episode[k],
+                             steps=self.ep_steps[k], reward=self.ep_reward[k],
+                             correct=self.ep_correct[k], fix_breaks=self.ep_fix[k])
         self._start_episode(k)
         return stats
 

@@ -69,8 +69,19 @@ class MPNCore(nn.Module):
     use_cpu_kernels = True   # on CPU, the numba kernels of common/mpn_numba.py when numba is installed
 
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
-                 learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0):
+                 learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0,
+                 time_scale: float = 1.0):
         super().__init__()
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0 (dt / 100 ms), got {time_scale}")
+        # Learnable η and λ are parameterised per 100 ms of task time, not per step:
+        #   η = s · η_param,   λ = (λ_max^(1/s) · σ(θ))^s,   s = time_scale = dt / 100 ms.
+        # η, λ and λ_max passed here are per-step values.  At dt = 100 (s = 1) this is the plain
+        # η = η_param, λ = λ_max σ(θ).  Why: Adam moves every parameter by about lr per update
+        # whatever its scale, so a per-step η of 0.05 at dt = 10 would be moved 10x faster,
+        # relative to its size, than 0.5 at dt = 100 (measured: η fell from 0.05 to 0.003 within
+        # 500 episodes of DelayMatchSample at dt = 10 and the agent stayed at chance).
+        self.time_scale = float(time_scale)
         self.obs_dim = obs_dim
         self.hidden_dim = hidden_dim
         self.input_bias = float(input_bias)
@@ -82,8 +93,10 @@ class MPNCore(nn.Module):
         self.W = nn.Parameter(torch.empty(hidden_dim, self.in_dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(hidden_dim))
         if learn_plasticity:
-            frac = min(max(lambda_decay / self.lambda_max, 1e-4), 1 - 1e-4) if self.lambda_max > 0 else 0.5
-            self.eta_param = nn.Parameter(torch.tensor(float(eta)))
+            ts = self.time_scale
+            frac = (lambda_decay / self.lambda_max) ** (1.0 / ts) if self.lambda_max > 0 else 0.5
+            frac = min(max(frac, 1e-4), 1 - 1e-4)
+            self.eta_param = nn.Parameter(torch.tensor(float(eta) / ts))
             self.lambda_logit = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))))
         else:
             self.register_buffer("eta_param", torch.tensor(float(eta)))
@@ -92,7 +105,11 @@ class MPNCore(nn.Module):
     def plasticity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(η, λ) as 0-d tensors."""
         if self.learn_plasticity:
-            return self.eta_param, self.lambda_max * torch.sigmoid(self.lambda_logit)
+            ts = self.time_scale
+            if ts == 1.0:
+                return self.eta_param, self.lambda_max * torch.sigmoid(self.lambda_logit)
+            lam_ref = self.lambda_max ** (1.0 / ts) * torch.sigmoid(self.lambda_logit)   # per 100 ms
+            return self.eta_param * ts, lam_ref ** ts
         return self.eta_param, self.lambda_logit
 
     def initial_state(self, batch: int, device=None) -> torch.Tensor:

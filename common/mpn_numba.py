@@ -100,3 +100,36 @@ if _HAVE_NUMBA:
                         G[i, h] = lam * G[i, h] + gxa * Wt[i, h]
             gM0[bb] = G
         return g_eta, g_lam
+
+
+if _HAVE_NUMBA:
+    @numba.njit(cache=True, fastmath=True, nogil=True)
+    def policy_step(obs, M, Wt, b, eta, lam, input_bias, h_out):
+        """One MPN step for K envs, the actor's hot path (same maths as ``mpn_step_numpy``).
+
+        obs [K,O] raw observations (the constant channel ``input_bias`` is appended here when
+        it is non-zero, so I = O+1; otherwise I = O); M [K,I,H] updated in place; Wt [I,H];
+        b [H].  Writes h [K,H] into ``h_out``.  One call replaces ~8 numpy calls.
+        """
+        K, O = obs.shape
+        I, H = Wt.shape
+        x = np.empty(I, dtype=M.dtype)
+        one = M.dtype.type(1.0)
+        for k in range(K):
+            for i in range(O):
+                x[i] = obs[k, i]
+            if I > O:
+                x[O] = input_bias
+            for h in range(H):
+                h_out[k, h] = b[h]
+            for i in range(I):
+                xi = x[i]
+                if xi != 0.0:
+                    for h in range(H):
+                        h_out[k, h] += xi * Wt[i, h] * (one + M[k, i, h])
+            for h in range(H):
+                h_out[k, h] = _tanh(h_out[k, h])
+            for i in range(I):
+                exi = eta * x[i]
+                for h in range(H):
+                    M[k, i, h] = lam * M[k, i, h] + exi * h_out[k, h]

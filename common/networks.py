@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import mpn_numba
 from common.mpn import MPNCore, augment_obs_numpy, augment_obs_torch, mpn_step_numpy
 
 
@@ -39,6 +40,7 @@ class NetSpec:
     lambda_max: float = 0.99
     input_bias: float = 1.0
     dueling: bool = False
+    time_scale: float = 1.0      # dt / 100 ms: learnable η, λ are parameterised per 100 ms (MPNCore)
 
     @property
     def in_dim(self) -> int:
@@ -62,7 +64,7 @@ class NetSpec:
         return cls(core=cfg.core, obs_dim=obs_dim, num_actions=num_actions, hidden_dim=cfg.hidden_dim,
                    eta=cfg.effective_eta, lambda_decay=cfg.effective_lambda,
                    learn_plasticity=cfg.learn_plasticity, lambda_max=cfg.effective_lambda_max,
-                   input_bias=cfg.input_bias, dueling=cfg.dueling)
+                   input_bias=cfg.input_bias, dueling=cfg.dueling, time_scale=cfg.dt / 100.0)
 
 
 class GatedCore(nn.Module):
@@ -109,7 +111,7 @@ class QNetwork(nn.Module):
         if spec.core == "mpn":
             self.core = MPNCore(spec.obs_dim, spec.hidden_dim, eta=spec.eta, lambda_decay=spec.lambda_decay,
                                 learn_plasticity=spec.learn_plasticity, lambda_max=spec.lambda_max,
-                                input_bias=spec.input_bias)
+                                input_bias=spec.input_bias, time_scale=spec.time_scale)
         elif spec.core in ("gru", "lstm"):
             self.core = GatedCore(spec.core, spec.obs_dim, spec.hidden_dim, spec.input_bias)
         else:
@@ -152,6 +154,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+# the actor's fused MPN step (numba), or None: the numpy ops are used
+_numba_step = mpn_numba.policy_step if mpn_numba.available() else None
+
+
 class NumpyPolicy:
     """The Q-network in numpy for K envs at a time (no torch on the actor's hot path).
 
@@ -186,17 +192,28 @@ class NumpyPolicy:
             self.b_ih = p["core.cell.bias_ih"]
             self.b_hh = p["core.cell.bias_hh"]
         self._work = None
+        self._h = None
 
     def step(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
         s = self.spec
         K = obs.shape[0]
-        x = augment_obs_numpy(obs, s.input_bias)
         H = s.hidden_dim
+        if s.core != "mpn":
+            x = augment_obs_numpy(obs, s.input_bias)
         if s.core == "mpn":
             M = state.reshape(K, s.in_dim, H)
-            if self._work is None or self._work.shape != M.shape:
-                self._work = np.empty_like(M)
-            h = mpn_step_numpy(x, M, self.Wt, self.b, self.eta, self.lam, self._work)
+            if _numba_step is not None and M.dtype == np.float32 and obs.dtype == np.float32 \
+                    and M.flags.c_contiguous:
+                if self._h is None or self._h.shape[0] != K:
+                    self._h = np.empty((K, H), np.float32)
+                h = self._h
+                _numba_step(obs, M, self.Wt, self.b, np.float32(self.eta), np.float32(self.lam),
+                            np.float32(s.input_bias), h)
+            else:
+                if self._work is None or self._work.shape != M.shape:
+                    self._work = np.empty_like(M)
+                h = mpn_step_numpy(augment_obs_numpy(obs, s.input_bias), M, self.Wt, self.b,
+                                   self.eta, self.lam, self._work)
         elif s.core == "gru":
             hprev = state
             gi = x @ self.w_ih_t + self.b_ih

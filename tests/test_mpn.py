@@ -1,4 +1,6 @@
 """The MPN and the other cores: torch and numpy agree, and the network can read M at x = 0."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,11 +20,20 @@ def _random_net(spec: NetSpec, seed: int = 0) -> QNetwork:
     return net
 
 
-@pytest.mark.parametrize("core,learn,dueling", [("mpn", False, False), ("mpn", True, True),
-                                                ("gru", False, False), ("lstm", False, True)])
-def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling):
+@pytest.mark.parametrize("actor_kernel", ["numba", "numpy"])
+@pytest.mark.parametrize("core,learn,dueling,time_scale,bias", [
+    ("mpn", False, False, 1.0, 1.0), ("mpn", True, True, 1.0, 1.0), ("mpn", True, False, 0.1, 1.0),
+    ("mpn", False, False, 1.0, 0.0), ("gru", False, False, 1.0, 1.0), ("lstm", False, True, 1.0, 1.0)])
+def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling, time_scale, bias, actor_kernel,
+                                                   monkeypatch):
+    import common.networks as networks
+    if actor_kernel == "numpy":
+        monkeypatch.setattr(networks, "_numba_step", None)
+    elif networks._numba_step is None:
+        pytest.fail("numba is a dependency: the actor's fused kernel must be available")
     spec = NetSpec(core=core, obs_dim=4, num_actions=3, hidden_dim=16, eta=0.3, lambda_decay=0.9,
-                   learn_plasticity=learn, lambda_max=0.95, dueling=dueling)
+                   learn_plasticity=learn, lambda_max=0.95, dueling=dueling, time_scale=time_scale,
+                   input_bias=bias)
     net = _random_net(spec)
     rng = np.random.default_rng(1)
     K, T = 5, 40
@@ -160,3 +171,28 @@ def test_cpu_kernels_match_the_torch_scan(learn):
         MPNCore.use_cpu_kernels = True
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
+    """At dt = 10 (time_scale 0.1) the per-step η, λ start at the given values, and one unit of
+    change in the raw parameters moves η and the time constant as much as at dt = 100."""
+    lam100 = math.exp(-100 / 1950)
+    coarse = MPNCore(3, 8, eta=0.5, lambda_decay=lam100, learn_plasticity=True,
+                     lambda_max=math.exp(-100 / 10000), time_scale=1.0)
+    fine = MPNCore(3, 8, eta=0.05, lambda_decay=lam100 ** 0.1, learn_plasticity=True,
+                   lambda_max=math.exp(-10 / 10000), time_scale=0.1)
+    eta, lam = fine.plasticity()
+    assert float(eta.detach()) == pytest.approx(0.05, rel=1e-6)
+    assert float(lam.detach()) == pytest.approx(lam100 ** 0.1, rel=1e-6)
+    # the raw parameters coincide, so an optimiser step moves both the same way in task time
+    assert float(fine.eta_param.detach()) == pytest.approx(float(coarse.eta_param.detach()), rel=1e-6)
+    assert float(fine.lambda_logit.detach()) == pytest.approx(float(coarse.lambda_logit.detach()), rel=1e-5)
+    with torch.no_grad():
+        for core in (coarse, fine):
+            core.eta_param.add_(0.1)
+            core.lambda_logit.add_(0.3)
+    (e1, l1), (e10, l10) = [[float(v.detach()) for v in c.plasticity()] for c in (coarse, fine)]
+    assert e10 * 10 == pytest.approx(e1, rel=1e-5)          # η per 100 ms equal
+    assert l10 ** 10 == pytest.approx(l1, rel=1e-5)         # decay per 100 ms equal
+    with pytest.raises(ValueError, match="time_scale"):
+        MPNCore(3, 8, time_scale=0.0)
