@@ -20,6 +20,7 @@ use it as is.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,8 @@ class TrialCollector:
         self.correct_reward = float(u0.rewards.get("correct", 1.0)) if hasattr(u0, "rewards") else 1.0
         abort = u0.rewards.get("abort") if hasattr(u0, "rewards") else None
         self.abort_reward = float(abort) if abort is not None and abort < 0 else None
+        # the penalty as the float32 rewards hold it, as a Python float (for list.count)
+        self._abort32 = float(np.float32(self.abort_reward)) if self.abort_reward is not None else None
         O = spec.obs_dim
         # Step records live in a time-major ring of lockstep rows [R, K, ...]: row t % R holds
         # what every env saw, did and got at lockstep step t, so each step writes whole rows
@@ -215,21 +218,22 @@ class TrialCollector:
             self._start_episode(k)
             return None
         T = end - s
-        rows = np.arange(s, end) % self._R
-        actions = self.buf_act[rows, k]
-        rewards = self.buf_rew[rows, k]
-        gt = self.buf_gt[rows, k]
+        a = s % self._R
+        rows = slice(a, a + T) if a + T <= self._R else np.arange(s, end) % self._R   # wraps?
+        actions = self.buf_act[rows, k].copy()
+        rewards = self.buf_rew[rows, k].copy()
+        gt = self.buf_gt[rows, k].copy()
         # Correct: the final reward is the task's "correct" reward, or the answer due at the last
         # step was "fixate" (a withhold trial, e.g. GoNogo's no-go: NeuroGym rewards it 0) and the
         # agent fixated.
         correct = final_reward >= self.correct_reward - 1e-6 or (
             gt[-1] == 0 and actions[-1] == 0 and final_reward >= 0)
-        fix = int(np.count_nonzero(rewards == np.float32(self.abort_reward))) \
-            if self.abort_reward is not None else 0
+        rl = rewards.tolist()
+        fix = rl.count(self._abort32) if self.abort_reward is not None else 0
         trial_end = np.zeros(T, bool)
         trial_end[-1] = True
         trial = Trial(
-            obs=self.buf_obs[rows, k], actions=actions, rewards=rewards, gt=gt, trial_end=trial_end,
+            obs=self.buf_obs[rows, k].copy(), actions=actions, rewards=rewards, gt=gt, trial_end=trial_end,
             init_state=start_state, ground_truth=ground_truth, correct=bool(correct), fix_breaks=fix,
             episode_id=self.episode_id[k], actor_id=self.actor_id, env_id=k,
             trial_index=self.trial_in_episode[k], weights_version=self.weights_version)
@@ -242,7 +246,7 @@ class TrialCollector:
                 trial.burnin_state = np.zeros(0, np.float32)
             self.prev_burnin[k] = self._ring_snapshot(k)
         self.trial_in_episode[k] += 1
-        self.ep_reward[k] += float(rewards.sum())
+        self.ep_reward[k] += math.fsum(rl)
         self.ep_steps[k] += T
         self.ep_correct[k] += bool(correct)
         self.ep_fix[k] += fix

@@ -106,14 +106,21 @@ class TrialSchema:
 # --------------------------------------------------------------------------------- encoding
 
 def _pack_array(a: Any, wire: np.dtype) -> dict:
-    arr = np.asarray(a, dtype=wire, order="C")   # (ascontiguousarray would make 0-d 1-d)
-    return {"dtype": wire.str, "shape": list(arr.shape), "data": arr.tobytes()}
+    if type(a) is np.ndarray and a.dtype == wire and a.flags.c_contiguous:
+        arr = a                                  # the actor's arrays: already the wire layout
+    else:
+        arr = np.asarray(a, dtype=wire, order="C")   # (ascontiguousarray would make 0-d 1-d)
+    # msgpack writes the shape tuple as an array, exactly as a list
+    return {"dtype": _WIRE_STR[wire], "shape": arr.shape, "data": arr.tobytes()}
+
+
+_WIRE_STR = {_F4: _F4.str, _I8: _I8.str, _B1: _B1.str}
+_ARRAY_ITEMS = tuple(_ARRAY_FIELDS.items())
 
 
 def _trial_to_obj(t: Trial) -> dict:
-    obj: dict[str, Any] = {}
-    for name, (wire, _native) in _ARRAY_FIELDS.items():
-        obj[name] = _pack_array(getattr(t, name), wire)
+    obj: dict[str, Any] = {name: _pack_array(getattr(t, name), wire)
+                           for name, (wire, _native) in _ARRAY_ITEMS}
     for name in _INT_FIELDS:
         obj[name] = int(getattr(t, name))
     obj["correct"] = bool(t.correct)

@@ -258,6 +258,15 @@ class TrainConfig(ConfigBase):
         "--n-step-ms / dt (5 at dt 100, 50 at dt 10), so credit travels the same task time per "
         "bootstrap at any dt", low=1)
     n_step_ms: float = opt(500.0, "default n-step horizon in ms of task time", low=1.0)
+    n_step_cut: str = opt("none", "where an n-step return may stop early: none, or non-greedy "
+                          "(at the first replayed action that is not the online net's greedy "
+                          "action, bootstrapping there: exploratory steps never enter a return)",
+                          choices=("none", "non-greedy"))
+    td_step_weighting: str = opt(
+        "task-time", "how the TD loss weighs steps: task-time (a trial's last step, its "
+        "outcome, weighs 1 and every other step dt/100 ms, so the loss is the same function of "
+        "the task at any dt) or uniform (every step 1; the two are identical at dt 100)",
+        choices=("task-time", "uniform"))
     bptt_chunk_size: Optional[int] = opt(None, "truncated BPTT chunk length in steps (none: the "
                                          "whole trial)", low=1)
     target_update: str = opt("hard", "target network update: hard copy or polyak averaging",
@@ -330,6 +339,12 @@ class TrainConfig(ConfigBase):
         if self.lambda_max is not None:
             return self.lambda_max
         return max(math.exp(-self.dt / 10_000.0), self.effective_lambda)
+
+    @property
+    def effective_plain_step_weight(self) -> float:
+        if self.td_step_weighting == "uniform":
+            return 1.0
+        return min(1.0, self.dt / 100.0)
 
     @property
     def effective_n_step(self) -> int:

@@ -102,34 +102,45 @@ if _HAVE_NUMBA:
         return g_eta, g_lam
 
 
+
 if _HAVE_NUMBA:
     @numba.njit(cache=True, fastmath=True, nogil=True)
-    def policy_step(obs, M, Wt, b, eta, lam, input_bias, h_out):
-        """One MPN step for K envs, the actor's hot path (same maths as ``mpn_step_numpy``).
-
-        obs [K,O] raw observations (the constant channel ``input_bias`` is appended here when
-        it is non-zero, so I = O+1; otherwise I = O); M [K,I,H] updated in place; Wt [I,H];
-        b [H].  Writes h [K,H] into ``h_out``.  One call replaces ~8 numpy calls.
-        """
+    def _policy_pre(obs, M, Wt, b, input_bias, x_out, pre_out):
+        """x̃ = [obs, input_bias] -> x_out [K,I];  b + (W ⊙ (1 + M)) x̃ -> pre_out [K,H]."""
         K, O = obs.shape
         I, H = Wt.shape
-        x = np.empty(I, dtype=M.dtype)
         one = M.dtype.type(1.0)
         for k in range(K):
             for i in range(O):
-                x[i] = obs[k, i]
+                x_out[k, i] = obs[k, i]
             if I > O:
-                x[O] = input_bias
+                x_out[k, O] = input_bias
             for h in range(H):
-                h_out[k, h] = b[h]
+                pre_out[k, h] = b[h]
             for i in range(I):
-                xi = x[i]
+                xi = x_out[k, i]
                 if xi != 0.0:
                     for h in range(H):
-                        h_out[k, h] += xi * Wt[i, h] * (one + M[k, i, h])
-            for h in range(H):
-                h_out[k, h] = _tanh(h_out[k, h])
+                        pre_out[k, h] += xi * Wt[i, h] * (one + M[k, i, h])
+
+    @numba.njit(cache=True, fastmath=True, nogil=True)
+    def _policy_hebb(x, h, M, eta, lam):
+        """M <- λ M + η x̃ hᵀ, in place (M [K,I,H])."""
+        K, I, H = M.shape
+        for k in range(K):
             for i in range(I):
-                exi = eta * x[i]
-                for h in range(H):
-                    M[k, i, h] = lam * M[k, i, h] + exi * h_out[k, h]
+                exi = eta * x[k, i]
+                for hh in range(H):
+                    M[k, i, hh] = lam * M[k, i, hh] + exi * h[k, hh]
+
+    def policy_step(obs, M, Wt, b, eta, lam, input_bias, h_out, x_work):
+        """One MPN step for K envs, the actor's hot path (same maths as ``mpn_step_numpy``).
+
+        obs [K,O] raw observations (the constant channel ``input_bias`` is appended when it is
+        non-zero, so I = O+1; otherwise I = O); M [K,I,H] float32, updated in place; Wt [I,H];
+        b [H].  Writes h [K,H] into ``h_out`` (x_work [K,I] is scratch).  Two compiled loops
+        around numpy's vectorised float32 tanh (a scalar tanh in the loop cost 2/3 of the step).
+        """
+        _policy_pre(obs, M, Wt, b, input_bias, x_work, h_out)
+        np.tanh(h_out, out=h_out)
+        _policy_hebb(x_work, h_out, M, eta, lam)

@@ -206,9 +206,10 @@ class NumpyPolicy:
                     and M.flags.c_contiguous:
                 if self._h is None or self._h.shape[0] != K:
                     self._h = np.empty((K, H), np.float32)
+                    self._x = np.empty((K, s.in_dim), np.float32)
                 h = self._h
                 _numba_step(obs, M, self.Wt, self.b, np.float32(self.eta), np.float32(self.lam),
-                            np.float32(s.input_bias), h)
+                            np.float32(s.input_bias), h, self._x)
             else:
                 if self._work is None or self._work.shape != M.shape:
                     self._work = np.empty_like(M)

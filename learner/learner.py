@@ -35,6 +35,8 @@ class Learner:
     Args:
         spec: the network.
         gamma, n_step, huber_delta, chunk_size: the TD loss (see :func:`learner.loss.td_loss`).
+        n_step_cut: "none" or "non-greedy" (n-step returns stop at non-greedy replayed actions).
+        plain_step_weight: loss weight of steps without an outcome (see :func:`learner.loss.step_weights`).
         lr, grad_clip: Adam and the gradient norm clip (0: none).
         target_update: "hard" (copy every ``target_update_period`` updates) or "polyak" (τ).
         replay_init: "zero", "stored" or "burn-in" — which start state replay uses.
@@ -44,9 +46,16 @@ class Learner:
                  huber_delta: float = 1.0, chunk_size: int | None = None, grad_clip: float = 10.0,
                  target_update: str = "hard", target_update_period: int = 250,
                  polyak_tau: float = 0.005, replay_init: str = "stored", device: str = "cpu",
-                 seed: int = 0, cuda_graphs: bool | None = None, pad_multiple: int = 32):
+                 seed: int = 0, cuda_graphs: bool | None = None, pad_multiple: int = 32,
+                 n_step_cut: str = "none", plain_step_weight: float = 1.0):
         if replay_init not in ("zero", "stored", "burn-in"):
             raise ValueError(f"replay_init must be zero, stored or burn-in; got {replay_init!r}")
+        if n_step_cut not in ("none", "non-greedy"):
+            raise ValueError(f"n_step_cut must be none or non-greedy; got {n_step_cut!r}")
+        self.n_step_cut = n_step_cut
+        if not 0.0 < plain_step_weight <= 1.0:
+            raise ValueError(f"plain_step_weight must be in (0, 1], got {plain_step_weight}")
+        self.plain_step_weight = float(plain_step_weight)
         if target_update not in ("hard", "polyak"):
             raise ValueError(f"target_update must be hard or polyak; got {target_update!r}")
         self.spec = spec
@@ -78,7 +87,8 @@ class Learner:
                    huber_delta=cfg.huber_delta, chunk_size=cfg.bptt_chunk_size,
                    grad_clip=cfg.grad_clip, target_update=cfg.target_update,
                    target_update_period=cfg.target_update_period, polyak_tau=cfg.polyak_tau,
-                   replay_init=cfg.replay_init, device=cfg.device, seed=cfg.seed)
+                   replay_init=cfg.replay_init, device=cfg.device, seed=cfg.seed,
+                   n_step_cut=cfg.n_step_cut, plain_step_weight=cfg.effective_plain_step_weight)
 
     # -- batches ---------------------------------------------------------------------------
     def to_tensors(self, batch) -> TensorBatch:
@@ -136,7 +146,8 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = td_loss(self.online, self.target, tb, gamma=self.gamma, n_step=self.n_step,
                               huber_delta=self.huber_delta, chunk_size=self.chunk_size,
-                              backward=True)
+                              backward=True, cut_non_greedy=self.n_step_cut == "non-greedy",
+                              plain_step_weight=self.plain_step_weight)
         if self.grad_clip > 0:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.grad_clip)
         self.optimizer.step()

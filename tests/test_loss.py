@@ -50,7 +50,7 @@ def _batch(trials):
                        init_state=torch.from_numpy(init))
 
 
-def reference_loss(online, target, trials, gamma, n_step, delta, chunk):
+def reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=False):
     """One trial at a time, one step at a time, batch 1 — the obvious way, written out."""
     n_real = sum(len(t["actions"]) for t in trials)
     total = torch.zeros(())
@@ -68,10 +68,18 @@ def reference_loss(online, target, trials, gamma, n_step, delta, chunk):
                 qo.append(q[0, 0])
         ys = []
         for t in range(L):
-            y = sum(gamma ** k * float(tr["rewards"][t + k]) for k in range(n_step) if t + k < L)
-            if t + n_step < L:
-                a_star = int(qo[t + n_step].argmax())
-                y += gamma ** n_step * float(qt[t + n_step][a_star])
+            y, k = 0.0, 0
+            while k < n_step and t + k < L:
+                a_star = int(qo[t + k].argmax())
+                if cut and k > 0 and int(tr["actions"][t + k]) != a_star:
+                    y += gamma ** k * float(qt[t + k][a_star])     # cut: bootstrap at t+k
+                    break
+                y += gamma ** k * float(tr["rewards"][t + k])
+                k += 1
+            else:
+                if t + n_step < L:
+                    a_star = int(qo[t + n_step].argmax())
+                    y += gamma ** n_step * float(qt[t + n_step][a_star])
             ys.append(y)
         s = s0
         for t in range(L):
@@ -85,19 +93,20 @@ def reference_loss(online, target, trials, gamma, n_step, delta, chunk):
     return total
 
 
-@pytest.mark.parametrize("core,chunk,n_step,learn", [("mpn", None, 1, False), ("mpn", None, 3, True),
-                                                     ("mpn", 4, 3, False), ("mpn", 5, 1, True),
-                                                     ("gru", 4, 2, False), ("lstm", None, 2, False)])
-def test_loss_and_gradients_match_reference(core, chunk, n_step, learn):
+@pytest.mark.parametrize("core,chunk,n_step,learn,cut", [
+    ("mpn", None, 1, False, False), ("mpn", None, 3, True, False), ("mpn", 4, 3, False, False),
+    ("mpn", 5, 1, True, False), ("gru", 4, 2, False, False), ("lstm", None, 2, False, False),
+    ("mpn", None, 4, True, True), ("mpn", 4, 6, False, True), ("gru", None, 3, False, True)])
+def test_loss_and_gradients_match_reference(core, chunk, n_step, learn, cut):
     spec, online, target = _nets(core, learn=learn)
     trials = _trials(spec, [9, 14, 5, 11])
     gamma, delta = 0.9, 1.0
-    ref = reference_loss(online, target, trials, gamma, n_step, delta, chunk)
+    ref = reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=cut)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in online.named_parameters()}
     online.zero_grad()
     loss, _ = td_loss(online, target, _batch(trials), gamma=gamma, n_step=n_step,
-                      huber_delta=delta, chunk_size=chunk, backward=True)
+                      huber_delta=delta, chunk_size=chunk, backward=True, cut_non_greedy=cut)
     assert float(loss) == pytest.approx(float(ref.detach()), abs=1e-5)
     for n, p in online.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
@@ -128,6 +137,24 @@ def test_tiny_target_by_hand():
     # trial 1: y0 = -.1 + .5*1 (t+2 = L: no bootstrap) = .4 ; y1 = 1 ; padded step = 0
     expected = torch.tensor([[12.5, 0.5, 1.0], [0.4, 1.0, 0.0]])
     torch.testing.assert_close(y, expected)
+
+
+def test_tiny_target_with_the_non_greedy_cut_by_hand():
+    """One trial of length 4, A = 2, γ = 0.5, n = 3; the replayed action at step 2 is not greedy."""
+    rewards = torch.tensor([[-0.1, -0.1, -0.1, 1.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    actions = torch.tensor([[1, 0, 1, 1]])
+    q_online = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [2.0, 0.0], [0.0, 3.0]]])   # greedy 1, 0, 0, 1
+    q_target = torch.tensor([[[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0]]])
+    y = n_step_targets(rewards, mask, q_online, q_target, 0.5, 3, actions, cut_non_greedy=True)
+    # y0 = r0 + .5 r1 + .25 * Qt(s2, 0)   (step 2's action 1 is not greedy: cut there) = -.15 + 12.5
+    # y1 = r1 + .5 * Qt(s2, 0) = -.1 + 25 ;  y2 = r2 + .5 r3 (t+3 = L) = .4 ;  y3 = r3 = 1
+    torch.testing.assert_close(y, torch.tensor([[12.35, 24.9, 0.4, 1.0]]))
+    # without the cut: y0 = r0 + .5 r1 + .25 r2 + .125 * Qt(s3, 1)
+    y_plain = n_step_targets(rewards, mask, q_online, q_target, 0.5, 3)
+    assert float(y_plain[0, 0]) == pytest.approx(-0.1 - 0.05 - 0.025 + 10.0)
+    with pytest.raises(ValueError, match="actions"):
+        n_step_targets(rewards, mask, q_online, q_target, 0.5, 3, cut_non_greedy=True)
 
 
 def test_target_net_uses_its_own_state_not_the_online_state():
