@@ -156,15 +156,18 @@ class TrialCollector:
         q = self.policy.step(obs, self.state)             # state now holds M after this step
         actions = self._act(q)
         self.buf_act[row] = actions
-        gts, rews, next_obs = self.buf_gt[row], self.buf_rew[row], self.buf_obs[nxt]
-        ended = []
+        gts, rews, obs_next, ended = [], [], [], []
         for k, (env, u, a) in enumerate(zip(self.envs, self.units, actions.tolist())):
-            gts[k] = u.gt_now                             # the answer this step is scored against
+            gts.append(u.gt_now)                          # the answer this step is scored against
             o, r, _term, _trunc, info = env.step(a)
-            next_obs[k] = o
-            rews[k] = r
+            obs_next.append(o)
+            rews.append(r)
             if info.get("new_trial", False):
                 ended.append(k)
+        self.buf_gt[row] = gts                            # one bulk write per field
+        self.buf_rew[row] = rews
+        next_obs = self.buf_obs[nxt]
+        next_obs[:] = obs_next
         self.t = t + 1
         self.obs = next_obs
         for k in ended:

@@ -50,9 +50,10 @@ def _batch(trials):
                        init_state=torch.from_numpy(init))
 
 
-def reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=False):
-    """One trial at a time, one step at a time, batch 1 — the obvious way, written out."""
-    n_real = sum(len(t["actions"]) for t in trials)
+def reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=False, plain_w=1.0):
+    """One trial at a time, one step at a time, batch 1 — the obvious way, written out.
+    Each trial's last step weighs 1, its other steps ``plain_w``; the loss is the weighted mean."""
+    n_real = sum((len(t["actions"]) - 1) * plain_w + 1 for t in trials)
     total = torch.zeros(())
     for tr in trials:
         L = len(tr["actions"])
@@ -89,24 +90,29 @@ def reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=Fals
             err = q[0, 0, int(tr["actions"][t])] - ys[t]
             a = err.abs()
             h = 0.5 * err ** 2 if a <= delta else delta * (a - 0.5 * delta)
-            total = total + h / n_real
+            total = total + (1.0 if t == L - 1 else plain_w) * h / n_real
     return total
 
 
 @pytest.mark.parametrize("core,chunk,n_step,learn,cut", [
     ("mpn", None, 1, False, False), ("mpn", None, 3, True, False), ("mpn", 4, 3, False, False),
     ("mpn", 5, 1, True, False), ("gru", 4, 2, False, False), ("lstm", None, 2, False, False),
-    ("mpn", None, 4, True, True), ("mpn", 4, 6, False, True), ("gru", None, 3, False, True)])
+    ("mpn", None, 4, True, True), ("mpn", 4, 6, False, True), ("gru", None, 3, False, True),
+    ("mpn", 4, 3, True, 0.1), ("lstm", None, 2, False, 0.25)])
 def test_loss_and_gradients_match_reference(core, chunk, n_step, learn, cut):
+    """``cut``: False, True (non-greedy cut) or a float (task-time step weight, with the cut)."""
     spec, online, target = _nets(core, learn=learn)
     trials = _trials(spec, [9, 14, 5, 11])
     gamma, delta = 0.9, 1.0
-    ref = reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=cut)
+    plain_w = 1.0 if isinstance(cut, bool) else cut
+    cut = bool(cut)
+    ref = reference_loss(online, target, trials, gamma, n_step, delta, chunk, cut=cut, plain_w=plain_w)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in online.named_parameters()}
     online.zero_grad()
     loss, _ = td_loss(online, target, _batch(trials), gamma=gamma, n_step=n_step,
-                      huber_delta=delta, chunk_size=chunk, backward=True, cut_non_greedy=cut)
+                      huber_delta=delta, chunk_size=chunk, backward=True, cut_non_greedy=cut,
+                      plain_step_weight=plain_w)
     assert float(loss) == pytest.approx(float(ref.detach()), abs=1e-5)
     for n, p in online.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
@@ -239,3 +245,20 @@ def test_cuda_graphs_refused_without_cuda():
     with pytest.raises(DeviceError):          # a CPU learner refuses graphs, GPU present or not
         Learner(spec, gamma=0.9, device="cpu", cuda_graphs=True)
     assert Learner(spec, gamma=0.9, device="cpu").use_graphs is False
+
+
+def test_step_weights_put_each_trial_outcome_at_one():
+    from learner.loss import step_weights
+    rewards = torch.tensor([[0.0, -0.1, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    torch.testing.assert_close(step_weights(rewards, mask, 0.1),
+                               torch.tensor([[0.1, 0.1, 0.1, 1.0], [0.1, 1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(step_weights(rewards, mask, 1.0), mask.float())   # dt 100: uniform
+
+
+def test_task_time_weighting_is_the_plain_mean_at_dt_100():
+    from common.config import TrainConfig
+    assert TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=100).effective_plain_step_weight == 1.0
+    assert TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=10).effective_plain_step_weight == 0.1
+    assert TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=10,
+                       td_step_weighting="uniform").effective_plain_step_weight == 1.0

@@ -74,6 +74,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     raws, acts, bps = [], [], []
+    # warm-up, not timed: numba compiles (or loads from its cache) the actor's MPN step once
+    actor_rate(args.env_name, args.dt, args.envs, 50, 99, args.hidden)
     for r in range(args.repeats):
         raws.append(raw_rate(args.env_name, args.dt, args.envs, args.steps, 100 + r))
         a, _, b = actor_rate(args.env_name, args.dt, args.envs, args.steps, 100 + r, args.hidden)
