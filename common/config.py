@@ -258,9 +258,11 @@ class TrainConfig(ConfigBase):
         "--n-step-ms / dt (5 at dt 100, 50 at dt 10), so credit travels the same task time per "
         "bootstrap at any dt", low=1)
     n_step_ms: float = opt(500.0, "default n-step horizon in ms of task time", low=1.0)
-    n_step_cut: str = opt("none", "where an n-step return may stop early: none, or non-greedy "
-                          "(at the first replayed action that is not the online net's greedy "
-                          "action, bootstrapping there: exploratory steps never enter a return)",
+    n_step_cut: str = opt("non-greedy", "where an n-step return may stop early: non-greedy (at "
+                          "the first replayed action that is not the online net's greedy action, "
+                          "bootstrapping there, so exploratory steps never enter a return: needed "
+                          "at dt 10, where a 50-step return holds dozens of exploratory "
+                          "fixation breaks) or none (plain n-step returns)",
                           choices=("none", "non-greedy"))
     td_step_weighting: str = opt(
         "task-time", "how the TD loss weighs steps: task-time (a trial's last step, its "
