@@ -12,6 +12,7 @@ per run), so the grid can be run in pieces and the report rebuilt from everythin
     python tests/benchmarks/learning.py long --tasks PerceptualDecisionMaking-v0   # goal 2: dt 10
     python tests/benchmarks/learning.py other --tasks GoNogo-v0 DelayComparison-v0 --seeds 0
     python tests/benchmarks/learning.py report                      # rebuild docs/ from results.jsonl
+    python tests/benchmarks/learning.py record --group long --label "..." --dirs experiments/NAME  # a hand-made run
 
 Last line: one JSON object summarising what this invocation ran.
 """
@@ -33,6 +34,10 @@ from common.tasks import ideal_accuracy  # noqa: E402
 
 TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchSample-v0"]
 RESULTS = ROOT / "docs" / "results.jsonl"
+# Which defaults a row was measured with.  The report's main tables use only rows of the current
+# defaults; rows of earlier defaults stay in results.jsonl and are listed as superseded.
+DEFAULTS = "2: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms"
+EARLIER_DEFAULTS = "1: plain n-step returns, uniform TD weighting, η/λ learned per step"
 RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
 
 # ablation name -> list of (variant label, extra CLI options)
@@ -66,8 +71,24 @@ def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: 
     exp = RUNS_DIR / name
     row = {"group": group, "task": task, "dt": dt, "seed": seed, "label": label, "options": extra,
            "budget": f"{budget_min} min" if budget_min else (f"{budget_trials} trials" if budget_trials else None),
-           "wall_s": round(wall, 1), "returncode": p.returncode, "experiment": str(exp),
-           "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+           "wall_s": round(wall, 1), "returncode": p.returncode}
+    return _finish_row(row, exp, p.stderr)
+
+
+def record_existing(group: str, exp: Path, label: str) -> dict:
+    """A row for a run made by hand (``main.py train-neurogym ...``) from its experiment folder;
+    the task, dt, seed and options come from its config.json, the wall time from summary.json."""
+    cfg = json.loads((exp / "config.json").read_text())
+    summary = json.loads((exp / "summary.json").read_text())
+    row = {"group": group, "task": cfg["env_name"], "dt": cfg["dt"], "seed": cfg["seed"], "label": label,
+           "options": [], "budget": None, "wall_s": round(summary.get("wall_time_s", 0.0), 1),
+           "returncode": 0}
+    return _finish_row(row, exp, "")
+
+
+def _finish_row(row: dict, exp: Path, stderr: str) -> dict:
+    row.update(experiment=str(exp), measured_at=time.strftime("%Y-%m-%d %H:%M"), defaults=DEFAULTS)
+    group, task, dt, seed, label, wall = (row[k] for k in ("group", "task", "dt", "seed", "label", "wall_s"))
     try:
         summary = json.loads((exp / "summary.json").read_text())
         ev = summary.get("final_eval", {})
@@ -78,7 +99,7 @@ def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: 
         curve = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines() if line.strip()]
         row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in curve]
     except (OSError, json.JSONDecodeError) as exc:
-        row["error"] = f"{exc}; stderr: {p.stderr[-500:]}"
+        row["error"] = f"{exc}; stderr: {stderr[-500:]}"
     RESULTS.parent.mkdir(exist_ok=True)
     with open(RESULTS, "a") as fh:
         fh.write(json.dumps(row) + "\n")
@@ -88,10 +109,14 @@ def run_one(group: str, task: str, seed: int, extra: list[str], label: str, dt: 
     return row
 
 
-def load_rows() -> list[dict]:
+def load_rows(current: bool | None = True) -> list[dict]:
+    """Rows of the current defaults (True), of earlier ones (False) or all (None)."""
     if not RESULTS.exists():
         return []
-    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    for r in rows:
+        r.setdefault("defaults", EARLIER_DEFAULTS)
+    return rows if current is None else [r for r in rows if (r["defaults"] == DEFAULTS) == current]
 
 
 def _stats(xs):
@@ -103,12 +128,13 @@ def _stats(xs):
 
 
 def write_report() -> None:
-    rows = load_rows()
+    rows = load_rows(current=True)
     lines = ["# Learning results", "",
              "Greedy accuracy at the end of training (evaluation trials as listed), as a fraction of the",
              "ideal-observer ceiling. Produced by `python tests/benchmarks/learning.py` on a 2-core CPU",
              "machine; every row is a real run of `python main.py train-neurogym` with the defaults plus the",
-             "options shown. Mean over seeds, spread = max - min.", ""]
+             "options shown. Mean over seeds, spread = max - min.", "",
+             f"Defaults version {DEFAULTS}. Rows measured with earlier defaults are listed at the end.", ""]
     for group, title in (("main", "Goal 1: defaults, dt = 100, M kept across 10-trial episodes"),
                          ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores"),
                          ("other", "Goal 3: other NeuroGym tasks, same defaults (no ideal-observer "
@@ -152,6 +178,19 @@ def write_report() -> None:
                          f"{m:.3f} | {pct} | {budget} |" if m is not None else
                          f"| {key[0].split(':', 1)[1]} | {key[1]} | {key[2]} | 0 | failed | | |")
         lines.append("")
+    old = load_rows(current=False)
+    if old:
+        lines += [f"## Superseded: measured with earlier defaults ({EARLIER_DEFAULTS})", "",
+                  "At dt 100 the only difference that changes training is the n-step cut; at dt 10 all three.",
+                  "", "| group | task | dt | variant | runs | accuracy (mean) | % of ideal |", "|---|---|---|---|---|---|---|"]
+        for key in sorted({(r["group"], r["task"], r["dt"], r["label"]) for r in old}):
+            rs = [r for r in old if (r["group"], r["task"], r["dt"], r["label"]) == key]
+            m, _, n = _stats([r.get("accuracy") for r in rs])
+            ideal = ideal_accuracy(key[1], key[2])
+            pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {n} | "
+                         + (f"{m:.3f} | {pct} |" if m is not None else "failed | |"))
+        lines.append("")
     out = ROOT / "docs" / "results.md"
     out.write_text("\n".join(lines) + "\n")
     _plot(rows)
@@ -193,7 +232,10 @@ def _plot(rows) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "other", "report"])
+    ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "other", "report", "record"])
+    ap.add_argument("--group", help="record: the group a hand-made run belongs to (e.g. long)")
+    ap.add_argument("--dirs", nargs="+", default=[], help="record: experiment folders of hand-made runs")
+    ap.add_argument("--label", default="defaults", help="record: the variant label")
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget-min", type=float, default=None,
@@ -205,7 +247,12 @@ def main() -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra CLI options for every run")
     args = ap.parse_args()
     ran = []
-    if args.grid == "main":
+    if args.grid == "record":
+        if not args.group or not args.dirs:
+            ap.error("record needs --group and --dirs")
+        for d in args.dirs:
+            ran.append(record_existing(args.group, Path(d), args.label))
+    elif args.grid == "main":
         for task in args.tasks:
             for seed in args.seeds:
                 ran.append(run_one("main", task, seed, list(args.extra), "defaults", eval_trials=args.eval_trials))
