@@ -1,30 +1,67 @@
 """msgpack wire format for trial batches and weight broadcasts (no pickle anywhere).
 
-Trial batch message (a msgpack map)::
+Trial batch message, format version 2 (columnar; one msgpack map)::
 
-    {"schema": "mpn-dqn/trials", "v": 1, "trials": [trial, ...]}
+    {"schema": "mpn-dqn/trials", "v": 2, <column>: <array map>, ...}
 
-each ``trial`` a map with exactly the :class:`~common.trial.Trial` field names as keys.  Array
-fields are maps ``{"dtype": str, "shape": [int, ...], "data": bin}`` with the raw bytes in C
-order, little-endian; the dtype of each field is fixed (``"<f4"`` for obs, rewards,
-init_state, burnin_obs, burnin_state; ``"<i8"`` for actions and gt; ``"|b1"`` for trial_end)
-and anything else is rejected.  Scalar fields are msgpack ints (``correct`` a msgpack bool).
+One message carries a batch of N >= 0 trials, in order, as columns rather than one map per
+trial.  The map holds exactly ``schema``, ``v`` and the 18 columns below, no other keys.  Every
+column is an array map ``{"dtype": str, "shape": [int, ...], "data": bin}`` (exactly these
+keys) whose raw bytes are in C order, little-endian, in the column's fixed wire dtype (any
+other dtype is rejected).  With T_i the length of trial i, B_i its burn-in length, O and S the
+schema's obs_dim and state_size::
 
-Weight broadcast message::
+    column              dtype  shape            content
+    lengths             <i8    [N]              T_i, each in [1, max_trial_len]
+    obs                 <f4    [sum T_i, O]     the trials' obs, concatenated in trial order
+    actions             <i8    [sum T_i]        actions, each in [0, num_actions)
+    rewards             <f4    [sum T_i]        rewards
+    gt                  <i8    [sum T_i]        gt, each in [0, num_actions)
+    init_state          <f4    [N, S]           init_state, one row per trial
+    ground_truth        <i8    [N]              one column per int field; fix_breaks in
+    fix_breaks          <i8    [N]                [0, T_i], the others any int64
+    episode_id          <i8    [N]
+    actor_id            <i8    [N]
+    env_id              <i8    [N]
+    trial_index         <i8    [N]
+    weights_version     <i8    [N]
+    correct             |b1    [N]              bytes 0 or 1
+    burnin_lengths      <i8    [N]              B_i, each in [0, max_burnin]
+    burnin_obs          <f4    [sum B_i, O]     the burn-in observations, concatenated
+    burnin_has_state    |b1    [N]              1: trial i sends a burnin_state row (must be 1
+                                                  where B_i > 0; may be 1 where B_i == 0)
+    burnin_state        <f4    [K, S]           those rows, in trial order (K = sum of flags)
+
+A 2-D column with no rows may also be declared [0, 0] (an encoder of an empty batch knows no O
+or S).  Every float is finite.  ``trial_end`` is not sent: it is True exactly at a trial's last
+step and the decoder rebuilds it.  An empty burn-in decodes to ``burnin_obs`` of shape (0, O)
+and a ``burnin_state`` of shape (0,) (flag 0) or (S,) (flag 1: the state sent is kept), as
+version 1 decoded it.  A version 1 message (``{"schema", "v": 1, "trials": [per-trial maps]}``)
+is rejected with a message saying the sender runs an older mpn-dqn.
+
+Weight broadcast message (format version 1, unchanged)::
 
     {"schema": "mpn-dqn/params", "v": 1, "version": int, "params": {name: float32 array map}}
 
 Decoding is strict: the payload size is checked before anything is parsed, msgpack runs with
-length limits so no declared size can cause a large allocation, every declared array size is
-checked against its data before an array is made, and every field's type, shape, range and
-finiteness is checked.  Any defect raises :class:`TrialDecodeError` (for weights its subclass
-:class:`ParamsDecodeError`) with a message naming the field; no other exception escapes.
-Decoded arrays are fresh, writable, native-endian copies owned by the caller.
+length limits so no declared size can cause a large allocation, every column's declared shape
+is checked against its data length and against the other columns (N, the sums of the lengths,
+O and S) before any array is made, and every value's range and finiteness is checked (one
+numpy pass per step or state column, the short per-trial columns as lists).  Any defect raises
+:class:`TrialDecodeError` (for weights its subclass :class:`ParamsDecodeError`) with a message
+naming the field, and for a defect within one trial the trial and step, e.g.
+``trials[3].actions: action 7 is outside [0, 3) (step 2 of 5)``; no other exception escapes.
+Decoded arrays are writable and native-endian; the trials of one message are views into fresh
+per-column copies made for the caller (never into the received bytes), and no two trials share
+memory.
 """
 from __future__ import annotations
 
 import math
+import operator
+from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Iterable
 
 import msgpack
@@ -34,36 +71,34 @@ from common.trial import Trial
 
 __all__ = ["TrialDecodeError", "ParamsDecodeError", "TrialSchema", "encode_trials",
            "decode_trials", "encode_params", "decode_params", "TRIALS_SCHEMA", "PARAMS_SCHEMA",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "PARAMS_FORMAT_VERSION"]
 
 TRIALS_SCHEMA = "mpn-dqn/trials"
 PARAMS_SCHEMA = "mpn-dqn/params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # the trial batch format (columnar since 2)
+PARAMS_FORMAT_VERSION = 1    # the weight broadcast format
 
-_INT64_MIN = -(2 ** 63)
 _INT64_MAX = 2 ** 63 - 1
 
 _F4 = np.dtype("<f4")
 _I8 = np.dtype("<i8")
 _B1 = np.dtype("|b1")
 
-# wire dtype and native dtype of each array field (the wire dtype is the only one accepted)
-_ARRAY_FIELDS: dict[str, tuple[np.dtype, type]] = {
-    "obs": (_F4, np.float32),
-    "actions": (_I8, np.int64),
-    "rewards": (_F4, np.float32),
-    "gt": (_I8, np.int64),
-    "trial_end": (_B1, np.bool_),
-    "init_state": (_F4, np.float32),
-    "burnin_obs": (_F4, np.float32),
-    "burnin_state": (_F4, np.float32),
-}
 _INT_FIELDS = ("ground_truth", "fix_breaks", "episode_id", "actor_id", "env_id", "trial_index",
                "weights_version")
-_BOOL_FIELDS = ("correct",)
-_TRIAL_KEYS = frozenset(_ARRAY_FIELDS) | frozenset(_INT_FIELDS) | frozenset(_BOOL_FIELDS)
+# every column of a version 2 message: wire dtype (the only one accepted) and number of dims
+_COLUMNS: dict[str, tuple[np.dtype, int]] = {
+    "lengths": (_I8, 1),
+    "obs": (_F4, 2), "actions": (_I8, 1), "rewards": (_F4, 1), "gt": (_I8, 1),
+    "init_state": (_F4, 2),
+    **{name: (_I8, 1) for name in _INT_FIELDS},
+    "correct": (_B1, 1),
+    "burnin_lengths": (_I8, 1), "burnin_obs": (_F4, 2),
+    "burnin_has_state": (_B1, 1), "burnin_state": (_F4, 2),
+}
+_COLUMN_SPECS = {name: (wire.str, ndim, wire.itemsize) for name, (wire, ndim) in _COLUMNS.items()}
 _ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
-_TRIALS_TOP_KEYS = frozenset({"schema", "v", "trials"})
+_TRIALS_TOP_KEYS = frozenset({"schema", "v"}) | frozenset(_COLUMNS)
 _PARAMS_TOP_KEYS = frozenset({"schema", "v", "version", "params"})
 
 _MAX_STR = 1024          # longest string anywhere in a message (keys, dtype, names)
@@ -115,24 +150,96 @@ def _pack_array(a: Any, wire: np.dtype) -> dict:
 
 
 _WIRE_STR = {_F4: _F4.str, _I8: _I8.str, _B1: _B1.str}
-_ARRAY_ITEMS = tuple(_ARRAY_FIELDS.items())
+
+# one C-level call gathers every field a message needs from a trial
+_GATHER = operator.attrgetter("obs", "actions", "rewards", "gt", "init_state", "burnin_obs",
+                              "burnin_state", "correct", *_INT_FIELDS)
 
 
-def _trial_to_obj(t: Trial) -> dict:
-    obj: dict[str, Any] = {name: _pack_array(getattr(t, name), wire)
-                           for name, (wire, _native) in _ARRAY_ITEMS}
-    for name in _INT_FIELDS:
-        obj[name] = int(getattr(t, name))
-    obj["correct"] = bool(t.correct)
-    return obj
+def _column(arr: np.ndarray, wire: np.dtype) -> dict:
+    """A column's array map.  The data goes to msgpack as the column's buffer (msgpack writes
+    a C-contiguous buffer as bin, exactly the bytes ``tobytes()`` would give, and refuses any
+    other), so each column is copied once, into the message."""
+    if arr.dtype != wire:
+        arr = arr.astype(wire)                   # (never for the columns built here)
+    return {"dtype": wire.str, "shape": arr.shape, "data": arr.data}
+
+
+def _concat(parts: tuple | list, wire: np.dtype, name: str) -> np.ndarray:
+    try:
+        return np.concatenate(parts, dtype=wire, casting="unsafe")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"encode_trials: the trials' {name} arrays do not form one column "
+                         f"({_short(str(e), 200)})") from None
+
+
+def _rows(parts: tuple | list, wire: np.dtype, name: str) -> np.ndarray:
+    """One row per part: [len(parts), ...] (np.array refuses parts of differing shapes)."""
+    try:
+        return np.array(parts, dtype=wire)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"encode_trials: the trials' {name} values do not form one column "
+                         f"({_short(str(e), 200)})") from None
 
 
 def encode_trials(trials: Iterable[Trial]) -> bytes:
-    """Serialise trials to one message.  Arrays are converted to their wire dtype (float32,
-    int64, bool) and written with one ``tobytes()`` each; nothing is validated here beyond what
-    the conversion needs (the receiver validates)."""
-    msg = {"schema": TRIALS_SCHEMA, "v": FORMAT_VERSION,
-           "trials": [_trial_to_obj(t) for t in trials]}
+    """Serialise trials to one (version 2, columnar) message.  Arrays are converted to their
+    wire dtype (float32, int64, bool) and concatenated column by column with numpy (one
+    concatenation per column, no per-trial dict), and msgpack copies each column once into
+    the message; nothing is validated here beyond what the conversion needs (the receiver
+    validates).  ``trial_end`` is not sent (the receiver rebuilds it).  Raises ValueError if
+    the trials' arrays cannot be put in columns: differing obs widths or state sizes, or a
+    trial whose obs, rewards or gt do not have one row per action."""
+    trials = trials if isinstance(trials, (list, tuple)) else list(trials)
+    n = len(trials)
+    cols: dict[str, np.ndarray]
+    if n == 0:
+        no_rows = np.zeros((0, 0), _F4)
+        cols = {"lengths": np.zeros(0, _I8), "obs": no_rows, "actions": np.zeros(0, _I8),
+                "rewards": np.zeros(0, _F4), "gt": np.zeros(0, _I8), "init_state": no_rows,
+                **{name: np.zeros(0, _I8) for name in _INT_FIELDS},
+                "correct": np.zeros(0, _B1), "burnin_lengths": np.zeros(0, _I8),
+                "burnin_obs": no_rows, "burnin_has_state": np.zeros(0, _B1),
+                "burnin_state": no_rows}
+    else:
+        (obs, actions, rewards, gt, init, b_obs, b_state, correct,
+         *ints) = zip(*map(_GATHER, trials))
+        lengths = list(map(len, actions))
+        for name, parts in (("obs", obs), ("rewards", rewards), ("gt", gt)):
+            # in one column, a trial's extra row would silently become the next trial's
+            if list(map(len, parts)) != lengths:
+                i = next(i for i, (p, T) in enumerate(zip(parts, lengths)) if len(p) != T)
+                raise ValueError(f"encode_trials: trials[{i}].{name} has {len(parts[i])} rows "
+                                 f"but the trial has {lengths[i]} actions")
+        obs_c = _concat(obs, _F4, "obs")
+        init_c = _rows(init, _F4, "init_state")
+        b_len = np.fromiter(map(len, b_obs), _I8, n)
+        has = np.fromiter(map(len, b_state), _I8, n) != 0
+        if b_len.any():
+            b_obs_c = _concat([b for b, k in zip(b_obs, b_len.tolist()) if k], _F4,
+                              "burnin_obs")
+        else:
+            b_obs_c = np.zeros((0, obs_c.shape[1] if obs_c.ndim == 2 else 0), _F4)
+        if has.any():
+            b_state_c = _rows([s for s, h in zip(b_state, has.tolist()) if h], _F4,
+                              "burnin_state")
+        else:
+            b_state_c = np.zeros((0, init_c.shape[1] if init_c.ndim == 2 else 0), _F4)
+        cols = {"lengths": np.array(lengths, _I8),
+                "obs": obs_c,
+                "actions": _concat(actions, _I8, "actions"),
+                "rewards": _concat(rewards, _F4, "rewards"),
+                "gt": _concat(gt, _I8, "gt"),
+                "init_state": init_c,
+                **dict(zip(_INT_FIELDS, _rows(ints, _I8, "int field"))),
+                "correct": _rows(correct, _B1, "correct"),
+                "burnin_lengths": b_len,
+                "burnin_obs": b_obs_c,
+                "burnin_has_state": has,
+                "burnin_state": b_state_c}
+    msg: dict[str, Any] = {"schema": TRIALS_SCHEMA, "v": FORMAT_VERSION}
+    for name, arr in cols.items():
+        msg[name] = _column(arr, _COLUMNS[name][0])
     return msgpack.packb(msg, use_bin_type=True)
 
 
@@ -149,7 +256,7 @@ def encode_params(params: dict[str, np.ndarray], version: int) -> bytes:
             raise ValueError(f"parameter names must be non-empty str of at most {_MAX_STR} "
                              f"bytes, got {name!r}")
         out[name] = _pack_array(value, _F4)
-    msg = {"schema": PARAMS_SCHEMA, "v": FORMAT_VERSION, "version": version, "params": out}
+    msg = {"schema": PARAMS_SCHEMA, "v": PARAMS_FORMAT_VERSION, "version": version, "params": out}
     return msgpack.packb(msg, use_bin_type=True)
 
 
@@ -201,6 +308,8 @@ def _unpack(payload: Any, max_bytes: int, what: str, max_array_len: int,
 
 
 def _check_keys(obj: dict, expected: frozenset, path: str, err: type[TrialDecodeError]) -> None:
+    if obj.keys() == expected:
+        return
     keys = set(obj)
     if keys != expected:
         missing = sorted(expected - keys)
@@ -213,17 +322,27 @@ def _check_keys(obj: dict, expected: frozenset, path: str, err: type[TrialDecode
         raise err(f"{path}: " + "; ".join(parts))
 
 
-def _check_header(obj: Any, schema: str, keys: frozenset, err: type[TrialDecodeError]) -> None:
+def _check_header(obj: Any, schema: str, keys: frozenset, version: int,
+                  err: type[TrialDecodeError]) -> None:
     if not isinstance(obj, dict):
         raise err(f"message: top level must be a map, got {_tname(obj)}")
     got = obj.get("schema")
     if not isinstance(got, str) or got != schema:
         raise err(f"message.schema: expected {schema!r}, got {_short(got)}")
+    if "v" in obj:          # the version first: another version has other keys
+        v = obj["v"]
+        if type(v) is not int or v != version:
+            if type(v) is int and 1 <= v < version:
+                why = (f"the sender runs an older mpn-dqn (this decoder reads version "
+                       f"{version})")
+            elif type(v) is int and v > version:
+                why = (f"the sender runs a newer mpn-dqn (this decoder reads version "
+                       f"{version})")
+            else:
+                why = f"this decoder reads version {version}"
+            raise err(f"message.v: unsupported format version {_short(v)} of {schema!r}: "
+                      f"{why}; both sides must run the same mpn-dqn version")
     _check_keys(obj, keys, "message", err)
-    v = obj["v"]
-    if type(v) is not int or v != FORMAT_VERSION:
-        raise err(f"message.v: unsupported format version {_short(v)} "
-                  f"(this decoder reads version {FORMAT_VERSION})")
 
 
 def _decode_array(obj: Any, path: str, wire: np.dtype, native: type,
@@ -261,118 +380,236 @@ def _decode_array(obj: Any, path: str, wire: np.dtype, native: type,
     return arr
 
 
-def _exact(expected: list):
-    def check(shape: list):
-        if shape != expected:
-            return f"shape {shape} does not match the expected {expected}"
-        return None
-    return check
+# --- trial batches (version 2) -------------------------------------------------------------
+
+_E = TrialDecodeError
 
 
-def _decode_int(obj: dict, name: str, path: str, low: int = _INT64_MIN,
-                high: int = _INT64_MAX) -> int:
-    v = obj[name]
-    if type(v) is not int:
-        raise TrialDecodeError(f"{path}.{name}: expected an int, got {_tname(v)}")
-    if not low <= v <= high:
-        raise TrialDecodeError(f"{path}.{name}: {v} is outside [{low}, {high}]")
-    return v
+def _raw_column(msg: dict, name: str) -> tuple[list, bytes]:
+    """Check one column's array map (dtype, number of dims, shape against its data length)
+    without building anything; returns (shape, data)."""
+    wire_str, ndim, itemsize = _COLUMN_SPECS[name]
+    obj = msg[name]
+    if type(obj) is dict and obj.keys() == _ARRAY_KEYS:      # the common case, in few steps
+        dt, shape, data = obj["dtype"], obj["shape"], obj["data"]
+        if type(dt) is str and dt == wire_str and type(shape) is list and len(shape) == ndim \
+                and type(data) is bytes:
+            n = itemsize
+            for d in shape:
+                if type(d) is not int or not 0 <= d <= _INT64_MAX:
+                    break
+                n *= d
+            else:
+                if n == len(data):
+                    return shape, data
+    return _diagnose_column(msg, name)       # raises, naming what is wrong
 
 
-def _decode_trial(obj: Any, path: str, s: TrialSchema) -> Trial:
-    E = TrialDecodeError
+def _diagnose_column(msg: dict, name: str) -> tuple[list, bytes]:
+    """The thorough version of :func:`_raw_column`: every check with its own message."""
+    path = f"message.{name}"
+    wire, ndim = _COLUMNS[name]
+    obj = msg[name]
     if not isinstance(obj, dict):
-        raise E(f"{path}: expected a trial map, got {_tname(obj)}")
-    _check_keys(obj, _TRIAL_KEYS, path, E)
+        raise _E(f"{path}: expected an array map {{dtype, shape, data}}, got {_tname(obj)}")
+    _check_keys(obj, _ARRAY_KEYS, path, _E)
+    dt = obj["dtype"]
+    if not isinstance(dt, str) or dt != wire.str:
+        raise _E(f"{path}: dtype must be {wire.str!r}, got {_short(dt)}")
+    shape = obj["shape"]
+    if not isinstance(shape, list):
+        raise _E(f"{path}: shape must be a list of ints, got {_tname(shape)}")
+    for d in shape:
+        if type(d) is not int or d < 0 or d > _INT64_MAX:
+            raise _E(f"{path}: shape {_short(shape)} has an invalid dimension {_short(d)}")
+    if len(shape) != ndim:
+        raise _E(f"{path}: must be {ndim}-D, got shape {_short(shape)}")
+    data = obj["data"]
+    if not isinstance(data, bytes):
+        raise _E(f"{path}: data must be binary, got {_tname(data)}")
+    need = math.prod(shape) * wire.itemsize
+    if need != len(data):
+        raise _E(f"{path}: shape {shape} needs {need} bytes of data, got {len(data)}")
+    return shape, data
 
-    def arr(name: str, shape_ok) -> np.ndarray:
-        wire, native = _ARRAY_FIELDS[name]
-        return _decode_array(obj[name], f"{path}.{name}", wire, native, shape_ok, E)
 
-    def trial_len(shape: list):
-        if len(shape) != 1:
-            return f"must be 1-D [T], got shape {shape}"
-        if not 1 <= shape[0] <= s.max_trial_len:
-            return f"trial length {shape[0]} is outside [1, {s.max_trial_len}]"
-        return None
+def _expect(name: str, shape: list, expected: list, why: str, *args: Any) -> None:
+    """``shape`` must equal ``expected``; a 2-D column with no rows may also be [0, 0].  The
+    reason, ``why.format(*args)``, is only formatted for the error."""
+    if shape != expected and not (len(expected) == 2 and expected[0] == 0 and shape == [0, 0]):
+        raise _E(f"message.{name}: shape {shape} does not match the expected {expected} "
+                 f"({why.format(*args)})")
 
-    actions = arr("actions", trial_len)
-    T = actions.shape[0]
-    obs = arr("obs", _exact([T, s.obs_dim]))
-    rewards = arr("rewards", _exact([T]))
-    gt = arr("gt", _exact([T]))
-    trial_end = arr("trial_end", _exact([T]))
-    init_state = arr("init_state", _exact([s.state_size]))
 
-    def burnin_shape(shape: list):
-        if len(shape) != 2:
-            return f"must be 2-D [N, {s.obs_dim}], got shape {shape}"
-        if shape[0] > s.max_burnin:
-            return f"burn-in length {shape[0]} exceeds the limit {s.max_burnin}"
-        if shape[1] != s.obs_dim and not (shape[0] == 0 and shape[1] == 0):
-            return f"shape {shape} does not match [N, {s.obs_dim}]"
-        return None
+def _ints(data: bytes) -> list:
+    """A checked int64 column as Python ints (per-trial columns are short: their checks run
+    on lists, which beats numpy's per-call cost at the batch sizes actors send)."""
+    return np.frombuffer(data, _I8).tolist()
 
-    burnin_obs = arr("burnin_obs", burnin_shape)
-    N = burnin_obs.shape[0]
-    if N == 0:
-        burnin_obs = np.zeros((0, s.obs_dim), np.float32)  # normalise (0, 0) to (0, obs_dim)
 
-    def burnin_state_shape(shape: list):
-        if shape == [s.state_size] or (N == 0 and shape == [0]):
-            return None
-        allowed = f"[{s.state_size}]" + (" or [0]" if N == 0 else "")
-        return f"shape {shape} does not match {allowed} (burn-in length {N})"
+def _bools(data: bytes, name: str) -> list:
+    """A checked bool column as Python bools; its bytes must all be 0 or 1."""
+    if data.translate(None, b"\x00\x01"):
+        i, v = next((i, v) for i, v in enumerate(data) if v > 1)
+        raise _E(f"trials[{i}].{name}: expected a bool (byte 0 or 1), got byte {v}")
+    return np.frombuffer(data, _B1).tolist()
 
-    burnin_state = arr("burnin_state", burnin_state_shape)
 
-    lo, hi = int(actions.min()), int(actions.max())
-    if lo < 0 or hi >= s.num_actions:
-        bad = lo if lo < 0 else hi
-        raise E(f"{path}.actions: action {bad} is outside [0, {s.num_actions})")
-    lo, hi = int(gt.min()), int(gt.max())
-    if lo < 0 or hi >= s.num_actions:
-        bad = lo if lo < 0 else hi
-        raise E(f"{path}.gt: ground-truth action {bad} is outside [0, {s.num_actions})")
-    if not trial_end[-1] or trial_end[:-1].any():
-        raise E(f"{path}.trial_end: must be True exactly at the last step (index {T - 1}) and "
-                f"False elsewhere, got True at {np.flatnonzero(trial_end)[:8].tolist()}")
+def _own(data: bytes, shape: list, wire: np.dtype, native: type) -> np.ndarray:
+    """A fresh, writable, native-endian copy of a checked column (never a view of ``data``)."""
+    return np.frombuffer(data, wire).reshape(shape).astype(native)
 
-    scalars = {name: _decode_int(obj, name, path) for name in _INT_FIELDS}
-    if not 0 <= scalars["fix_breaks"] <= T:
-        raise E(f"{path}.fix_breaks: {scalars['fix_breaks']} is outside [0, T={T}]")
-    correct = obj["correct"]
-    if type(correct) is not bool:
-        raise E(f"{path}.correct: expected a bool, got {_tname(correct)}")
 
-    return Trial(obs=obs, actions=actions, rewards=rewards, gt=gt, trial_end=trial_end,
-                 init_state=init_state, burnin_obs=burnin_obs, burnin_state=burnin_state,
-                 correct=correct, **scalars)
+def _finite(arr: np.ndarray, what: str, locate) -> None:
+    """Every element of the float32 ``arr`` is finite; else name the trial: ``locate(row)``
+    returns (trial index, where within the trial)."""
+    if not arr.size:
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    row = int(np.flatnonzero(~finite.reshape(-1))[0]) // (arr.shape[1] if arr.ndim == 2 else 1)
+    i, where = locate(row)
+    raise _E(f"trials[{i}].{what}: contains NaN or infinity{where}")
+
+
+def _in_range(arr: np.ndarray, what: str, label: str, high: int, locate) -> None:
+    """Every element of the int64 ``arr`` is in [0, high) (one reduction: as unsigned, the
+    negative ones are huge)."""
+    if not arr.size or int(arr.view(np.uint64).max()) < high:
+        return
+    row = int(np.flatnonzero((arr < 0) | (arr >= high))[0])
+    i, where = locate(row)
+    raise _E(f"trials[{i}].{what}: {label} {int(arr[row])} is outside [0, {high}){where}")
+
+
+def _decode_batch(msg: dict, s: TrialSchema) -> list[Trial]:
+    raw = {name: _raw_column(msg, name) for name in _COLUMNS}
+    shape = {name: r[0] for name, r in raw.items()}
+    data = {name: r[1] for name, r in raw.items()}
+
+    # the batch size and the trial lengths
+    N = shape["lengths"][0]
+    if N > s.max_trials:
+        raise _E(f"message.lengths: {N} trials exceed the limit {s.max_trials}")
+    lengths = _ints(data["lengths"])
+    if N and (min(lengths) < 1 or max(lengths) > s.max_trial_len):
+        i, v = next((i, v) for i, v in enumerate(lengths) if not 1 <= v <= s.max_trial_len)
+        raise _E(f"trials[{i}].length: trial length {v} is outside [1, {s.max_trial_len}] "
+                 f"(message.lengths[{i}])")
+    for name in (*_INT_FIELDS, "correct", "burnin_lengths", "burnin_has_state"):
+        _expect(name, shape[name], [N], "one per trial, {} trials in message.lengths", N)
+    _expect("init_state", shape["init_state"], [N, s.state_size],
+            "{} trials, state_size {}", N, s.state_size)
+
+    # the step columns hold exactly the trials' steps
+    ends = list(accumulate(lengths))             # Python ints: exact
+    rows = shape["actions"][0]
+    total = ends[-1] if N else 0
+    if total != rows:
+        raise _E(f"message.lengths: the trial lengths sum to {total} but the step columns "
+                 f"have {rows} rows (message.actions has shape {shape['actions']})")
+    _expect("obs", shape["obs"], [rows, s.obs_dim], "{} steps, obs_dim {}", rows, s.obs_dim)
+    for name in ("rewards", "gt"):
+        _expect(name, shape[name], [rows], "{} steps", rows)
+
+    # burn-in
+    b_len = _ints(data["burnin_lengths"])
+    if N and (min(b_len) < 0 or max(b_len) > s.max_burnin):
+        i, v = next((i, v) for i, v in enumerate(b_len) if not 0 <= v <= s.max_burnin)
+        raise _E(f"trials[{i}].burnin_obs: burn-in length {v} "
+                 + ("is negative" if v < 0 else f"exceeds the limit {s.max_burnin}")
+                 + f" (message.burnin_lengths[{i}])")
+    has = _bools(data["burnin_has_state"], "burnin_has_state")
+    for i, (b, h) in enumerate(zip(b_len, has)):
+        if b and not h:
+            raise _E(f"trials[{i}].burnin_state: a burn-in of length {b} needs a state of "
+                     f"shape [{s.state_size}], but message.burnin_has_state[{i}] is false")
+    b_ends = list(accumulate(b_len))
+    b_rows = b_ends[-1] if N else 0
+    _expect("burnin_obs", shape["burnin_obs"], [b_rows, s.obs_dim],
+            "the burn-in lengths sum to {}, obs_dim {}", b_rows, s.obs_dim)
+    K = sum(has)
+    _expect("burnin_state", shape["burnin_state"], [K, s.state_size],
+            "{} trials set burnin_has_state, state_size {}", K, s.state_size)
+
+    # the per-trial values
+    correct = _bools(data["correct"], "correct")
+    ints = [_ints(data[name]) for name in _INT_FIELDS]
+    fix = ints[_INT_FIELDS.index("fix_breaks")]
+    for i, (f, n) in enumerate(zip(fix, lengths)):
+        if not 0 <= f <= n:
+            raise _E(f"trials[{i}].fix_breaks: {f} is outside [0, T={n}]")
+    # (the other int columns may hold any int64, as in version 1)
+
+    # every shape is now consistent with the data: build the columns and check the values
+    def at_step(row: int):
+        i = bisect_right(ends, row)
+        return i, f" (step {row - ends[i] + lengths[i]} of {lengths[i]})"
+
+    def at_trial(row: int):
+        return row, ""
+
+    def at_burnin(row: int):
+        i = bisect_right(b_ends, row)
+        return i, f" (burn-in step {row - b_ends[i] + b_len[i]} of {b_len[i]})"
+
+    def at_state(row: int):
+        return [i for i, h in enumerate(has) if h][row], ""
+
+    obs = _own(data["obs"], [rows, s.obs_dim], _F4, np.float32)
+    _finite(obs, "obs", at_step)
+    rewards = _own(data["rewards"], [rows], _F4, np.float32)
+    _finite(rewards, "rewards", at_step)
+    actions = _own(data["actions"], [rows], _I8, np.int64)
+    _in_range(actions, "actions", "action", s.num_actions, at_step)
+    gt = _own(data["gt"], [rows], _I8, np.int64)
+    _in_range(gt, "gt", "ground-truth action", s.num_actions, at_step)
+    init = _own(data["init_state"], [N, s.state_size], _F4, np.float32)
+    _finite(init, "init_state", at_trial)
+    b_obs = _own(data["burnin_obs"], [b_rows, s.obs_dim], _F4, np.float32)
+    _finite(b_obs, "burnin_obs", at_burnin)
+    b_state = _own(data["burnin_state"], [K, s.state_size], _F4, np.float32)
+    _finite(b_state, "burnin_state", at_state)
+    trial_end = np.zeros(rows, np.bool_)
+
+    # the trials: disjoint views into the columns
+    out = []
+    g_truth, fix, episode, actor, env, index, version = ints
+    k = a = b = 0
+    for i in range(N):
+        e, c = ends[i], b_ends[i]
+        trial_end[e - 1] = True
+        if has[i]:
+            state = b_state[k]
+            k += 1
+        else:
+            state = np.zeros(0, np.float32)
+        out.append(Trial(obs=obs[a:e], actions=actions[a:e], rewards=rewards[a:e], gt=gt[a:e],
+                         trial_end=trial_end[a:e], init_state=init[i], burnin_obs=b_obs[b:c],
+                         burnin_state=state, ground_truth=g_truth[i], correct=correct[i],
+                         fix_breaks=fix[i], episode_id=episode[i], actor_id=actor[i],
+                         env_id=env[i], trial_index=index[i], weights_version=version[i]))
+        a, b = e, c
+    return out
 
 
 def decode_trials(payload: bytes, schema: TrialSchema) -> list[Trial]:
-    """Parse and validate a trial batch.  Raises :class:`TrialDecodeError` (only) on any
-    defect.  ``burnin_obs`` of an empty burn-in is always returned with shape (0, obs_dim);
-    every returned array is a writable copy owned by the caller."""
+    """Parse and validate a trial batch (format version 2).  Raises :class:`TrialDecodeError`
+    (only) on any defect.  ``trial_end`` is rebuilt from the lengths; ``burnin_obs`` of an
+    empty burn-in is always returned with shape (0, obs_dim).  Every returned array is
+    writable, native-endian and shares no memory with the payload or with another trial (the
+    trials of one message are views into fresh per-column copies)."""
     if not isinstance(schema, TrialSchema):
         raise TypeError(f"schema must be a TrialSchema, got {_tname(schema)}")
     path = "message"
     try:
+        # (arrays are allowed up to max_trials long only so that a version 1 message, whose
+        # trials are one list, still parses and is refused with the version message)
         msg = _unpack(payload, schema.max_message_bytes, "trials",
                       max(schema.max_trials, 16), TrialDecodeError)
-        _check_header(msg, TRIALS_SCHEMA, _TRIALS_TOP_KEYS, TrialDecodeError)
-        trials = msg["trials"]
-        path = "message.trials"
-        if not isinstance(trials, list):
-            raise TrialDecodeError(f"{path}: expected a list, got {_tname(trials)}")
-        if len(trials) > schema.max_trials:
-            raise TrialDecodeError(f"{path}: {len(trials)} trials exceed the limit "
-                                   f"{schema.max_trials}")
-        out = []
-        for i, t in enumerate(trials):
-            path = f"trials[{i}]"
-            out.append(_decode_trial(t, path, schema))
-        return out
+        _check_header(msg, TRIALS_SCHEMA, _TRIALS_TOP_KEYS, FORMAT_VERSION, TrialDecodeError)
+        return _decode_batch(msg, schema)
     except TrialDecodeError:
         raise
     except Exception as e:  # safety net: nothing but TrialDecodeError may escape
@@ -387,7 +624,7 @@ def decode_params(payload: bytes, max_bytes: int = 1 << 30) -> tuple[dict[str, n
     path = "params"
     try:
         msg = _unpack(payload, max_bytes, "params", 1 << 20, E)
-        _check_header(msg, PARAMS_SCHEMA, _PARAMS_TOP_KEYS, E)
+        _check_header(msg, PARAMS_SCHEMA, _PARAMS_TOP_KEYS, PARAMS_FORMAT_VERSION, E)
         version = msg["version"]
         if type(version) is not int or not 0 <= version <= _INT64_MAX:
             raise E(f"message.version: expected an int in [0, 2**63), got {_short(version)}")

@@ -1,5 +1,7 @@
 """More decoder fuzzing (see also tests/test_codec.py): truncations, huge declared sizes, and a
 short run of the hand-run fuzzer ``tests/benchmarks/fuzz_codec.py`` so it cannot rot."""
+import tracemalloc
+
 import msgpack
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -37,14 +39,45 @@ def test_fuzz_huge_declared_container_sizes(pos, header, overwrite):
     assert_only_decode_errors(data, SCHEMA)
 
 
+_COLUMNS = ["lengths", "obs", "actions", "rewards", "gt", "init_state", "ground_truth",
+            "fix_breaks", "episode_id", "actor_id", "env_id", "trial_index", "weights_version",
+            "correct", "burnin_lengths", "burnin_obs", "burnin_has_state", "burnin_state"]
+
+
 @_FUZZ
-@given(st.integers(0, 2), st.sampled_from(["obs", "actions", "rewards", "gt", "trial_end",
-                                           "init_state", "burnin_obs", "burnin_state"]),
-       st.lists(st.integers(0, 2 ** 63 - 1), min_size=0, max_size=4))
-def test_fuzz_huge_declared_shapes(which, field, shape):
+@given(st.sampled_from(_COLUMNS), st.lists(st.integers(0, 2 ** 63 - 1), min_size=0, max_size=4))
+def test_fuzz_huge_declared_shapes(column, shape):
     obj = msgpack.unpackb(_VALID, raw=False)
-    obj["trials"][which][field]["shape"] = shape
+    assert set(_COLUMNS) | {"schema", "v"} == set(obj)
+    obj[column]["shape"] = shape
     assert_only_decode_errors(msgpack.packb(obj, use_bin_type=True), SCHEMA)
+
+
+@_FUZZ
+@given(st.sampled_from(["lengths", "burnin_lengths", "fix_breaks"]), st.integers(0, 2),
+       st.integers(-2 ** 63, 2 ** 63 - 1))
+def test_fuzz_huge_declared_lengths(column, which, value):
+    """A length (or fix_breaks) claiming far more rows than were sent is refused before any
+    array is sized by it."""
+    obj = msgpack.unpackb(_VALID, raw=False)
+    col = np.frombuffer(obj[column]["data"], "<i8").copy()
+    before = int(col[which])
+    col[which] = value
+    obj[column]["data"] = col.tobytes()
+    payload = msgpack.packb(obj, use_bin_type=True)
+    tracemalloc.start()
+    try:
+        out = decode_trials(payload, SCHEMA)
+    except TrialDecodeError:
+        assert value != before
+        return
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 64 * (len(payload) + 1024), peak
+    # accepted: the value was unchanged, or a fix_breaks within its trial
+    assert len(out) == 3
+    assert value == before or (column == "fix_breaks" and 0 <= value <= out[which].length)
 
 
 def test_the_fuzz_benchmark_finds_nothing_in_a_short_run():

@@ -192,18 +192,21 @@ def test_a_checkpoint_whose_content_changed_fails_its_checksum(tmp_path):
 def _bad_messages() -> dict:
     valid = _msgs(8, 1)[0]
     obj = msgpack.unpackb(valid, raw=False)
-    huge_bin = b"\x83\xa6schema\xaempn-dqn/trials\xa1v\x01\xa6trials\x91\xc6\xff\xff\xff\xf0"
-    huge_arr = b"\x83\xa6schema\xaempn-dqn/trials\xa1v\x01\xa6trials\xdd\x7f\xff\xff\xff"
+    huge_bin = b"\x83\xa6schema\xaempn-dqn/trials\xa1v\x02\xa3obs\x83\xa4data\xc6\xff\xff\xff\xf0"
+    huge_arr = b"\x83\xa6schema\xaempn-dqn/trials\xa1v\x02\xa3obs\xdd\x7f\xff\xff\xff"
     declared = dict(obj)
-    declared["trials"] = [dict(obj["trials"][0])]
-    declared["trials"][0]["obs"] = {"dtype": "<f4", "shape": [2 ** 40, 3], "data": b"\0" * 12}
+    declared["obs"] = {"dtype": "<f4", "shape": [2 ** 40, 3], "data": b"\0" * 12}
+    long = dict(obj)
+    long["lengths"] = {"dtype": "<i8", "shape": [3], "data": np.array([2 ** 40, 1, 1]).tobytes()}
     flipped = bytearray(valid)
     flipped[len(valid) // 3] ^= 0xFF
     return {
         "random-bytes": os.urandom(300),
         "truncated": valid[: len(valid) // 2],
         "bit-flip": bytes(flipped),
-        "wrong-structure": msgpack.packb({"schema": "mpn-dqn/trials", "v": 1, "trials": [[1, 2]]}),
+        "huge-declared-length": msgpack.packb(long, use_bin_type=True),
+        "wrong-structure": msgpack.packb({**obj, "obs": [[1, 2]]}, use_bin_type=True),
+        "version-1": msgpack.packb({"schema": "mpn-dqn/trials", "v": 1, "trials": [[1, 2]]}),
         "wrong-schema": msgpack.packb({"schema": "pickle", "v": 1, "trials": []}),
         "huge-declared-bin": huge_bin,
         "huge-declared-array": huge_arr,

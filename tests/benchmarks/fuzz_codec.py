@@ -5,11 +5,12 @@ A plain loop, no framework: each message is one of
 * ``random``    random bytes (0-2 KiB),
 * ``flip``      a valid message with 1-8 random bytes changed,
 * ``truncate``  a valid message cut at a random point (or with bytes appended),
-* ``structure`` valid msgpack of the wrong shape: a random tree, or a valid message with one
-                field (at any depth) replaced by a random tree,
+* ``structure`` valid msgpack of the wrong shape: a random tree, a random tree under a
+                version 2 (or version 1) header, or a valid message with one field (at any
+                depth, a whole column or part of its array map) replaced by a random tree,
 * ``huge``      declared sizes far beyond the data: msgpack bin/str/array/map headers of up to
-                2**32-1 elements spliced into a valid message, array maps whose ``shape``
-                claims 2**40 rows or overflows int64,
+                2**32-1 elements spliced into a valid message, columns whose ``shape`` claims
+                2**40 rows or overflows int64, trial or burn-in lengths of up to 2**63-1,
 * ``valid``     a valid message (so the accepting path is exercised too).
 
 For every message it checks: no exception other than :class:`TrialDecodeError` escapes (a
@@ -49,12 +50,19 @@ KINDS = ("random", "flip", "truncate", "structure", "huge", "valid")
 WEIGHTS = (0.15, 0.25, 0.2, 0.2, 0.15, 0.05)
 
 
+COLUMNS = ["lengths", "obs", "actions", "rewards", "gt", "init_state", "ground_truth",
+           "fix_breaks", "episode_id", "actor_id", "env_id", "trial_index", "weights_version",
+           "correct", "burnin_lengths", "burnin_obs", "burnin_has_state", "burnin_state"]
+
+
 def valid_pool(rng: np.random.Generator, n: int = 64) -> list[bytes]:
+    """Valid messages of 1-4 trials, some with a burn-in and some without."""
     pool = []
     for _ in range(n):
         k = int(rng.integers(1, 5))
-        burn = int(rng.integers(0, 11)) if rng.random() < 0.5 else 0
-        trials = [make_trial(rng, int(rng.integers(1, 40)), burnin=burn) for _ in range(k)]
+        trials = [make_trial(rng, int(rng.integers(1, 40)),
+                             burnin=int(rng.integers(0, 11)) if rng.random() < 0.5 else 0)
+                  for _ in range(k)]
         pool.append(encode_trials(trials))
     return pool
 
@@ -66,10 +74,11 @@ def random_tree(rng: np.random.Generator, depth: int = 0):
         return [None, True, int(rng.integers(-2 ** 63, 2 ** 63 - 1, dtype=np.int64)),
                 float(rng.standard_normal()), float("nan"), "obs", "<f4",
                 rng.bytes(int(rng.integers(0, 64))), int(rng.integers(0, 2 ** 16)),
-                ["schema", "v", "trials", "dtype", "shape", "data"][int(rng.integers(0, 6))]][c]
+                ["schema", "v", "lengths", "dtype", "shape", "data"][int(rng.integers(0, 6))]][c]
     if r < 0.7:
         return [random_tree(rng, depth + 1) for _ in range(int(rng.integers(0, 5)))]
-    keys = ["schema", "v", "trials", "obs", "dtype", "shape", "data", "actions", "x"]
+    keys = ["schema", "v", "lengths", "obs", "dtype", "shape", "data", "actions",
+            "burnin_lengths", "x"]
     return {keys[int(rng.integers(0, len(keys)))] + ("" if rng.random() < 0.7 else str(i)):
             random_tree(rng, depth + 1) for i in range(int(rng.integers(0, 5)))}
 
@@ -95,13 +104,18 @@ def huge(rng, msg: bytes) -> bytes:
         pos = int(rng.integers(0, len(msg)))
         hdr = _HUGE_HEADERS[int(rng.integers(0, len(_HUGE_HEADERS)))]
         return msg[:pos] + hdr + msg[pos + (len(hdr) if rng.random() < 0.5 else 0):]
-    obj = msgpack.unpackb(msg, raw=False)       # an array map claiming a huge shape
-    trial = obj["trials"][int(rng.integers(0, len(obj["trials"])))]
-    name = ["obs", "actions", "rewards", "gt", "trial_end", "init_state", "burnin_obs",
-            "burnin_state"][int(rng.integers(0, 8))]
+    obj = msgpack.unpackb(msg, raw=False)
+    if rng.random() < 0.3:                      # a trial or burn-in length far beyond the data
+        name = ["lengths", "burnin_lengths"][int(rng.integers(0, 2))]
+        col = np.frombuffer(obj[name]["data"], "<i8").copy()
+        col[int(rng.integers(0, len(col)))] = [2 ** 31, 2 ** 40, 2 ** 62, 2 ** 63 - 1,
+                                               10 ** 9][int(rng.integers(0, 5))]
+        obj[name]["data"] = col.tobytes()
+        return msgpack.packb(obj, use_bin_type=True)
+    name = COLUMNS[int(rng.integers(0, len(COLUMNS)))]      # a column claiming a huge shape
     shape = [[2 ** 40, 3], [2 ** 62, 2 ** 62], [2 ** 31], [10 ** 9, 10 ** 9, 10 ** 9],
-             [2 ** 63 - 1], [0, 2 ** 63 - 1]][int(rng.integers(0, 6))]
-    trial[name]["shape"] = shape
+             [2 ** 63 - 1], [0, 2 ** 63 - 1], [2 ** 63 - 1, 0]][int(rng.integers(0, 7))]
+    obj[name]["shape"] = shape
     return msgpack.packb(obj, use_bin_type=True)
 
 
@@ -121,7 +135,11 @@ def make_message(rng, kind: str, pool: list[bytes]) -> bytes:
     if kind == "structure":
         if rng.random() < 0.4:
             tree = random_tree(rng)
-            if rng.random() < 0.5:
+            r = rng.random()
+            if r < 0.4:
+                tree = {"schema": "mpn-dqn/trials", "v": 2,
+                        COLUMNS[int(rng.integers(0, len(COLUMNS)))]: tree}
+            elif r < 0.5:
                 tree = {"schema": "mpn-dqn/trials", "v": 1, "trials": [tree]}
             return msgpack.packb(tree, use_bin_type=True)
         return replace_field(rng, base)
