@@ -3,7 +3,10 @@
 NeuroGym envs never terminate; the stream of trials is ours to cut into episodes.  The
 alignment rules (measured, see ``shared/neurogym-notes.md``):
 
-* ``env.unwrapped.gt_now`` read *before* ``step(a_t)`` is the answer ``a_t`` is scored against.
+* ``env.unwrapped.gt_now`` read *before* ``step(a_t)`` is the answer ``a_t`` is scored against;
+  it is ``gt[t_ind]`` of the trial's ground-truth array ``env.unwrapped.gt``, which NeuroGym
+  builds afresh for every trial, so we keep a reference to that array when a trial starts and
+  slice its first T entries when the trial ends (no per-step read; tests compare the two).
 * ``info["new_trial"]`` is True on the step whose action ended the trial: that step's reward
   belongs to the finished trial; the observation it returns already belongs to the next one.
 * ``reset()`` plays a hidden first step with a sampled action, spoiling the first trial.  We
@@ -84,11 +87,10 @@ class TrialCollector:
         # what every env saw, did and got at lockstep step t, so each step writes whole rows
         # (cheap) and a finished trial of env k is column k of rows start[k] .. t.  The ring
         # doubles when a trial in progress would outgrow it.
-        self._R = 256
+        self._R = 64                                      # grows to fit the longest trial
         self.buf_obs = np.zeros((self._R, num_envs, O), np.float32)
         self.buf_act = np.zeros((self._R, num_envs), np.int64)
         self.buf_rew = np.zeros((self._R, num_envs), np.float32)
-        self.buf_gt = np.zeros((self._R, num_envs), np.int64)
         self.t = 0                                        # lockstep steps taken
         self.start = np.zeros(num_envs, np.int64)         # lockstep step of each trial's first step
         for k, env in enumerate(self.envs):
@@ -99,6 +101,7 @@ class TrialCollector:
         # env.unwrapped.trial already describes the *next* trial once new_trial is seen, so the
         # ground truth of the trial in progress is captured when that trial starts.
         self.cur_gt = [_ground_truth(u) for u in self.units]
+        self.cur_gt_seq = [u.gt for u in self.units]       # the trial's per-step answers
         self.n_actions = spec.num_actions
         self._rand_block = 512                            # exploration draws, a block at a time
         self._rand_i = self._rand_block
@@ -156,15 +159,13 @@ class TrialCollector:
         q = self.policy.step(obs, self.state)             # state now holds M after this step
         actions = self._act(q)
         self.buf_act[row] = actions
-        gts, rews, obs_next, ended = [], [], [], []
-        for k, (env, u, a) in enumerate(zip(self.envs, self.units, actions.tolist())):
-            gts.append(u.gt_now)                          # the answer this step is scored against
+        rews, obs_next, ended = [], [], []
+        for k, (env, a) in enumerate(zip(self.envs, actions.tolist())):
             o, r, _term, _trunc, info = env.step(a)
             obs_next.append(o)
             rews.append(r)
             if info.get("new_trial", False):
                 ended.append(k)
-        self.buf_gt[row] = gts                            # one bulk write per field
         self.buf_rew[row] = rews
         next_obs = self.buf_obs[nxt]
         next_obs[:] = obs_next
@@ -185,7 +186,7 @@ class TrialCollector:
         old_R, new_R = self._R, 2 * self._R
         g = np.arange(self.t + 1 - old_R, self.t + 1)     # the last old_R lockstep steps
         g = g[g >= 0]
-        for name in ("buf_obs", "buf_act", "buf_rew", "buf_gt"):
+        for name in ("buf_obs", "buf_act", "buf_rew"):
             old = getattr(self, name)
             grown = np.zeros((new_R,) + old.shape[1:], old.dtype)
             grown[g % new_R] = old[g % old_R]
@@ -213,7 +214,9 @@ class TrialCollector:
         self.start[k] = end
         start_state = self.trial_start_state[k].copy()
         ground_truth = self.cur_gt[k]
+        gt_seq = self.cur_gt_seq[k]
         self.cur_gt[k] = _ground_truth(u)                          # the trial that starts now
+        self.cur_gt_seq[k] = u.gt
         self.trial_start_state[k] = self.state[k]                   # next trial starts from here
         if self.discarding[k]:
             # The spoiled first trial after reset(): drop it and start the first episode fresh.
@@ -225,7 +228,10 @@ class TrialCollector:
         rows = slice(a, a + T) if a + T <= self._R else np.arange(s, end) % self._R   # wraps?
         actions = self.buf_act[rows, k].copy()
         rewards = self.buf_rew[rows, k].copy()
-        gt = self.buf_gt[rows, k].copy()
+        gt = np.array(gt_seq[:T], dtype=np.int64)                # gt_now of each step (a copy)
+        if gt.shape[0] != T:
+            raise RuntimeError(f"{type(u).__name__}: a trial of {T} steps has only "
+                               f"{gt.shape[0]} ground-truth entries")
         # Correct: the final reward is the task's "correct" reward, or the answer due at the last
         # step was "fixate" (a withhold trial, e.g. GoNogo's no-go: NeuroGym rewards it 0) and the
         # agent fixated.

@@ -285,7 +285,9 @@ class TrainConfig(ConfigBase):
     num_actors: Optional[int] = opt(
         None, "Ray actor processes; default: one per CPU of this machine left after the learner "
         "(at least 1); 0 runs everything in one process without Ray (debugging, tests)", low=0)
-    envs_per_actor: int = opt(8, "NeuroGym envs stepped in lockstep per actor", low=1)
+    envs_per_actor: int = opt(16, "NeuroGym envs stepped in lockstep per actor (one batched "
+                              "policy call per lockstep step: 16 envs amortise it, see "
+                              "tests/benchmarks/bench_actor.py)", low=1)
     address: Optional[str] = opt(None, "Ray cluster address (auto or HOST:PORT); default: the "
                                  "RAY_ADDRESS variable, else an embedded local Ray")
 
