@@ -14,7 +14,7 @@ import torch
 from actors.collector import TrialCollector
 from actors.evaluate import evaluate
 from common.config import TrainConfig
-from common.networks import NetSpec, export_params
+from common.networks import NetSpec, QNetwork, export_params
 from common.tasks import task_dims
 from driver.experiment import Experiment, load_checkpoint
 from driver.recovery import LocalReplaySnapshots
@@ -26,6 +26,14 @@ from replay.buffer import TrialBuffer
 
 PUBLISH_EVERY_UPDATES = 10      # single process: actors see new weights every 10 updates
 STALENESS_EVERY_UPDATES = 250   # R2D2 staleness of the replayed state, on 8 trials
+
+
+def _eval_line(ev: dict) -> str:
+    pct = ev["pct_ideal"]
+    return (f"{ev['trials']} trials: accuracy {ev['accuracy']:.3f} ± {ev['accuracy_stderr']:.3f}"
+            + (f" ({pct:.1f}% of ideal {ev['ideal_accuracy']:.3f})" if pct is not None
+               else " (no known ideal-observer ceiling)")
+            + f", fixation breaks {ev['fix_break_rate']:.2f} of trials")
 
 
 def build_spec(cfg: TrainConfig) -> NetSpec:
@@ -76,11 +84,20 @@ def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learne
         ev = evaluate(spec, params, env_name=cfg.env_name, dt=cfg.dt, num_trials=cfg.eval_trials,
                       trials_per_episode=cfg.trials_per_episode, seed=cfg.seed)
         summary["final_eval"] = ev
-        pct = ev["pct_ideal"]
-        log(f"Greedy evaluation over {ev['trials']} trials: accuracy {ev['accuracy']:.3f} "
-            f"± {ev['accuracy_stderr']:.3f}" + (f" ({pct:.1f}% of ideal {ev['ideal_accuracy']:.3f})"
-                                                 if pct is not None else " (no known ideal-observer ceiling)")
-            + f", fixation breaks {ev['fix_break_rate']:.2f} of trials")
+        log("Greedy evaluation over " + _eval_line(ev))
+        # best_model.pt was chosen by the training window's accuracy (with exploration); its
+        # accuracy on the evaluation seeds is reported beside the final model's, never instead.
+        best = exp.checkpoint_dir / "best_model.pt"
+        if best.exists():
+            ck = load_checkpoint(best)
+            net = QNetwork(spec)
+            net.load_state_dict(ck["learner"]["online"])
+            ev_best = evaluate(spec, export_params(net), env_name=cfg.env_name, dt=cfg.dt,
+                               num_trials=cfg.eval_trials, trials_per_episode=cfg.trials_per_episode,
+                               seed=cfg.seed)
+            ev_best["episode"] = int(ck.get("counters", {}).get("episodes", -1))
+            summary["best_model_eval"] = ev_best
+            log(f"best_model.pt (episode {ev_best['episode']}) over " + _eval_line(ev_best))
     exp.write_json("summary.json", summary)
     if cfg.plot_training:
         from driver.plots import plot_training

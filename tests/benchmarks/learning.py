@@ -95,7 +95,8 @@ def _finish_row(row: dict, exp: Path, stderr: str) -> dict:
         row.update(accuracy=ev.get("accuracy"), pct_ideal=ev.get("pct_ideal"),
                    fix_break_rate=ev.get("fix_break_rate"), eval_trials=ev.get("trials"),
                    episodes=summary.get("episodes"), env_steps=summary.get("env_steps"),
-                   updates=summary.get("updates"))
+                   updates=summary.get("updates"),
+                   best_model_accuracy=summary.get("best_model_eval", {}).get("accuracy"))
         curve = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines() if line.strip()]
         row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in curve]
     except (OSError, json.JSONDecodeError) as exc:
@@ -133,7 +134,8 @@ def write_report() -> None:
              "Greedy accuracy at the end of training (evaluation trials as listed), as a fraction of the",
              "ideal-observer ceiling. Produced by `python tests/benchmarks/learning.py` on a 2-core CPU",
              "machine; every row is a real run of `python main.py train-neurogym` with the defaults plus the",
-             "options shown. Mean over seeds, spread = max - min.", "",
+             "options shown. Mean over seeds, spread = max - min. The last column evaluates, on the same",
+             "evaluation seeds, the run's best_model.pt (chosen by training accuracy, with exploration).", "",
              f"Defaults version {DEFAULTS}. Rows measured with earlier defaults are listed at the end.", ""]
     for group, title in (("main", "Goal 1: defaults, dt = 100, M kept across 10-trial episodes"),
                          ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores"),
@@ -143,7 +145,8 @@ def write_report() -> None:
         if not sel:
             continue
         lines += [f"## {title}", "", "| task | dt | variant | seeds | accuracy (mean) | spread | % of ideal | "
-                  "fix-break rate | wall (s, mean) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "fix-break rate | wall (s, mean) | best_model.pt accuracy (mean) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["task"], r["dt"], r["label"]) for r in sel})
         for task, dt, label in keys:
             rs = [r for r in sel if (r["task"], r["dt"], r["label"]) == (task, dt, label)]
@@ -152,9 +155,11 @@ def write_report() -> None:
             pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
             fb, _, _ = _stats([r.get("fix_break_rate") for r in rs])
             wall, _, _ = _stats([r.get("wall_s") for r in rs])
+            bm, _, bn = _stats([r.get("best_model_accuracy") for r in rs])
+            best = f"{bm:.3f} ({bn})" if bm is not None else "-"
             lines.append(f"| {task} | {dt} | {label} | {n} | {m:.3f} | {spread:.3f} | {pct} | "
-                         f"{fb:.2f} | {wall:.0f} |" if m is not None else
-                         f"| {task} | {dt} | {label} | 0 | failed | | | | |")
+                         f"{fb:.2f} | {wall:.0f} | {best} |" if m is not None else
+                         f"| {task} | {dt} | {label} | 0 | failed | | | | | |")
         lines.append("")
     abl = [r for r in rows if r["group"].startswith("ablation:")]
     if abl:
