@@ -50,6 +50,9 @@ ABLATIONS = {
     "trials per episode": [("10 (default)", []), ("1", ["--trials-per-episode", "1"]),
                            ("50", ["--trials-per-episode", "50"])],
     "core": [("mpn (default)", []), ("gru", ["--core", "gru"]), ("lstm", ["--core", "lstm"])],
+    "n-step cut": [("non-greedy (default)", []), ("none", ["--n-step-cut", "none"])],
+    "envs per actor": [("16 (default)", []), ("8", ["--envs-per-actor", "8"])],
+    "TD step weighting (dt 10)": [("task-time (default)", []), ("uniform", ["--td-step-weighting", "uniform"])],
 }
 
 
