@@ -52,7 +52,6 @@ ABLATIONS = {
     "core": [("mpn (default)", []), ("gru", ["--core", "gru"]), ("lstm", ["--core", "lstm"])],
     "n-step cut": [("non-greedy (default)", []), ("none", ["--n-step-cut", "none"])],
     "envs per actor": [("16 (default)", []), ("8", ["--envs-per-actor", "8"])],
-    "TD step weighting (dt 10)": [("task-time (default)", []), ("uniform", ["--td-step-weighting", "uniform"])],
 }
 
 
