@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="episodes to run; each has the experiment's --trials-per-episode trials "
                    "(default: 50)")
     e.add_argument("--checkpoint", default=None,
-                   help="checkpoint file name or path (default: final_model.pt, else best_model.pt)")
+                   help="checkpoint file name or path (default: selected_model.pt — the final or the best "
+                        "model, whichever was better on validation seeds — else final_model.pt, "
+                        "else best_model.pt)")
     e.add_argument("--seed", type=int, default=0, help="evaluation seed (default: 0)")
 
     r = sub.add_parser("render", allow_abbrev=False, help="render one episode as an animated GIF",

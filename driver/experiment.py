@@ -137,7 +137,7 @@ class Experiment:
 
     def resolve_checkpoint(self, name: str | None) -> Path:
         if name is None:
-            for cand in ("final_model.pt", "best_model.pt"):
+            for cand in ("selected_model.pt", "final_model.pt", "best_model.pt"):
                 if (self.checkpoint_dir / cand).exists():
                     return self.checkpoint_dir / cand
             latest = self.latest_checkpoint()

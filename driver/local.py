@@ -17,6 +17,7 @@ from common.config import TrainConfig
 from common.networks import NetSpec, QNetwork, export_params
 from common.tasks import task_dims
 from driver.experiment import Experiment, load_checkpoint
+from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
 from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
@@ -34,6 +35,54 @@ def _eval_line(ev: dict) -> str:
             + (f" ({pct:.1f}% of ideal {ev['ideal_accuracy']:.3f})" if pct is not None
                else " (no known ideal-observer ceiling)")
             + f", fixation breaks {ev['fix_break_rate']:.2f} of trials")
+
+
+VALIDATION_SEED_OFFSET = 500_000   # validation envs: seeds apart from training and test envs
+
+
+def evaluate_and_select(exp: Experiment, cfg: TrainConfig, spec: NetSpec, final_params: dict,
+                        log=print) -> dict:
+    """Pick the model the run hands over, on validation seeds, and test it on the eval seeds.
+
+    Candidates: the final weights and ``best_model.pt`` (chosen during training by the training
+    window's accuracy, with exploration).  Each is run greedily over ``--eval-trials`` trials on
+    *validation* seeds; the better one (ties: the final model) is copied to
+    ``selected_model.pt``.  Every candidate is also evaluated on the *test* seeds (those of
+    ``eval``), so the selected model's test accuracy is an unbiased estimate: the test seeds
+    played no part in choosing it.  Returns the summary entries ``final_eval`` (final model,
+    test seeds), ``best_model_eval`` and ``selected_model``.
+    """
+    cands = {"final_model.pt": final_params}
+    best = exp.checkpoint_dir / "best_model.pt"
+    best_episode = None
+    if best.exists():
+        ck = load_checkpoint(best)
+        net = QNetwork(spec)
+        net.load_state_dict(ck["learner"]["online"])
+        cands["best_model.pt"] = export_params(net)
+        best_episode = int(ck.get("counters", {}).get("episodes", -1))
+
+    def run(params, seed):
+        return evaluate(spec, params, env_name=cfg.env_name, dt=cfg.dt, num_trials=cfg.eval_trials,
+                        trials_per_episode=cfg.trials_per_episode, seed=seed)
+
+    test = {name: run(p, cfg.seed) for name, p in cands.items()}
+    val = {name: run(p, cfg.seed + VALIDATION_SEED_OFFSET)["accuracy"] for name, p in cands.items()}
+    chosen = max(cands, key=lambda n: (val[n], n == "final_model.pt"))
+    write_atomic(exp.checkpoint_dir / "selected_model.pt", (exp.checkpoint_dir / chosen).read_bytes())
+    out = {"final_eval": test["final_model.pt"]}
+    log("Greedy evaluation (test seeds) of final_model.pt over " + _eval_line(test["final_model.pt"]))
+    if "best_model.pt" in test:
+        test["best_model.pt"]["episode"] = best_episode
+        out["best_model_eval"] = test["best_model.pt"]
+        log(f"Greedy evaluation (test seeds) of best_model.pt (episode {best_episode}) over "
+            + _eval_line(test["best_model.pt"]))
+    out["selected_model"] = {"checkpoint": chosen, "validation_accuracy": val,
+                             "validation_trials": cfg.eval_trials, "eval": test[chosen]}
+    log(f"Selected model: {chosen} (validation accuracy "
+        + ", ".join(f"{n} {a:.3f}" for n, a in val.items())
+        + f") -> checkpoints/selected_model.pt, test accuracy {test[chosen]['accuracy']:.3f}")
+    return out
 
 
 def build_spec(cfg: TrainConfig) -> NetSpec:
@@ -80,24 +129,7 @@ def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learne
                "env_steps": counters.env_steps, "trials": counters.trials, "updates": counters.updates,
                "wall_time_s": counters.wall_time, "interrupted": interrupted}
     if cfg.eval_trials > 0 and not interrupted:
-        params = export_params(learner.online)
-        ev = evaluate(spec, params, env_name=cfg.env_name, dt=cfg.dt, num_trials=cfg.eval_trials,
-                      trials_per_episode=cfg.trials_per_episode, seed=cfg.seed)
-        summary["final_eval"] = ev
-        log("Greedy evaluation over " + _eval_line(ev))
-        # best_model.pt was chosen by the training window's accuracy (with exploration); its
-        # accuracy on the evaluation seeds is reported beside the final model's, never instead.
-        best = exp.checkpoint_dir / "best_model.pt"
-        if best.exists():
-            ck = load_checkpoint(best)
-            net = QNetwork(spec)
-            net.load_state_dict(ck["learner"]["online"])
-            ev_best = evaluate(spec, export_params(net), env_name=cfg.env_name, dt=cfg.dt,
-                               num_trials=cfg.eval_trials, trials_per_episode=cfg.trials_per_episode,
-                               seed=cfg.seed)
-            ev_best["episode"] = int(ck.get("counters", {}).get("episodes", -1))
-            summary["best_model_eval"] = ev_best
-            log(f"best_model.pt (episode {ev_best['episode']}) over " + _eval_line(ev_best))
+        summary.update(evaluate_and_select(exp, cfg, spec, export_params(learner.online), log=log))
     exp.write_json("summary.json", summary)
     if cfg.plot_training:
         from driver.plots import plot_training

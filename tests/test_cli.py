@@ -193,6 +193,20 @@ def test_train_writes_config_metrics_checkpoints_and_plots(trained):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_run_hands_over_the_model_that_was_better_on_validation_seeds(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    sel = summary["selected_model"]
+    val = sel["validation_accuracy"]
+    assert set(val) == {"final_model.pt", "best_model.pt"}
+    assert sel["checkpoint"] == max(val, key=lambda n: (val[n], n == "final_model.pt"))
+    ck_dir = trained / "checkpoints"
+    assert (ck_dir / "selected_model.pt").read_bytes() == (ck_dir / sel["checkpoint"]).read_bytes()
+    # its reported accuracy is its evaluation on the test seeds, the ones `eval` uses
+    test = summary["final_eval"] if sel["checkpoint"] == "final_model.pt" else summary["best_model_eval"]
+    assert sel["eval"] == test
+    assert summary["best_model_eval"]["episode"] == _counters(ck_dir / "best_model.pt")["episodes"]
+
+
 def test_eval_writes_eval_json_and_prints_a_table(trained, tmp_path, capsys):
     exp = _copy(trained, tmp_path)
     rc = main(["eval", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
