@@ -44,8 +44,10 @@ def ideal_accuracy(env_name: str, dt: int) -> float | None:
 
 
 def pct_of_ideal(accuracy: float | None, env_name: str, dt: int) -> float | None:
+    """Accuracy as a percentage of the ideal observer's; None when the ceiling is unknown or is
+    chance itself (nothing can be learned, so a percentage would only mislead)."""
     ideal = ideal_accuracy(env_name, dt)
-    if accuracy is None or ideal is None:
+    if accuracy is None or ideal is None or ideal <= CHANCE_ACCURACY.get(env_name, 0.0):
         return None
     return 100.0 * accuracy / ideal
 

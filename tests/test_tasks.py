@@ -1,5 +1,6 @@
 """Facts about NeuroGym tasks that the accuracy ceilings in common/tasks.py rest on."""
 import numpy as np
+import pytest
 
 from common.tasks import ideal_accuracy, make_env
 
@@ -38,3 +39,10 @@ def _category_distance(u, n=3000) -> float:
                    - np.searchsorted(x1, grid, side="right") / len(x1)).max()
         dist = max(dist, float(d))
     return dist
+
+
+def test_percent_of_ideal_only_where_a_ceiling_above_chance_is_known():
+    from common.tasks import pct_of_ideal
+    assert pct_of_ideal(0.448, "PerceptualDecisionMaking-v0", 100) == pytest.approx(50.0)
+    assert pct_of_ideal(0.5, "DelayMatchCategory-v0", 100) is None      # the ceiling is chance
+    assert pct_of_ideal(0.9, "GoNogo-v0", 100) is None                  # no ceiling known

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.tasks import ideal_accuracy  # noqa: E402
+from common.tasks import ideal_accuracy, pct_of_ideal  # noqa: E402
 
 TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchSample-v0"]
 RESULTS = ROOT / "docs" / "results.jsonl"
@@ -145,8 +145,8 @@ def write_report() -> None:
              f"Defaults version {DEFAULTS}. Rows measured with earlier defaults are listed at the end.", ""]
     for group, title in (("main", "Goal 1: defaults, dt = 100, M kept across 10-trial episodes"),
                          ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores"),
-                         ("other", "Goal 3: other NeuroGym tasks, same defaults (no ideal-observer "
-                                   "ceiling known here: accuracy only)")):
+                         ("other", "Goal 3: other NeuroGym tasks, same defaults (% of ideal only "
+                                   "where a ceiling is known)")):
         sel = [r for r in rows if r["group"] == group]
         if not sel:
             continue
@@ -159,8 +159,8 @@ def write_report() -> None:
             # the model the run hands over (selected on validation seeds), else the final one
             m, spread, n = _stats([r.get("selected_accuracy", r.get("accuracy")) for r in rs])
             fm, _, _ = _stats([r.get("accuracy") for r in rs])
-            ideal = ideal_accuracy(task, dt)
-            pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
+            pct = pct_of_ideal(m, task, dt)
+            pct = f"{pct:.1f}%" if pct is not None else ("chance is the ceiling" if ideal_accuracy(task, dt) else "-")
             fb, _, _ = _stats([r.get("fix_break_rate") for r in rs])
             wall, _, _ = _stats([r.get("wall_s") for r in rs])
             bm, _, bn = _stats([r.get("best_model_accuracy") for r in rs])
