@@ -114,6 +114,26 @@ def _finish_row(row: dict, exp: Path, stderr: str) -> dict:
     return row
 
 
+def refresh_rows() -> int:
+    """Re-read summary.json of every row whose experiment folder still exists and fill the
+    model-selection fields it lacks (rows written by an older learning.py).  Returns how many."""
+    rows = load_rows(current=None)
+    n = 0
+    for r in rows:
+        exp = Path(r.get("experiment", ""))
+        if "selected_accuracy" in r or not (exp / "summary.json").exists():
+            continue
+        summary = json.loads((exp / "summary.json").read_text())
+        sel = summary.get("selected_model")
+        if sel:
+            r.update(selected_model=sel.get("checkpoint"), selected_accuracy=sel.get("eval", {}).get("accuracy"),
+                     best_model_accuracy=summary.get("best_model_eval", {}).get("accuracy"))
+            n += 1
+    if n:
+        RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return n
+
+
 def load_rows(current: bool | None = True) -> list[dict]:
     """Rows of the current defaults (True), of earlier ones (False) or all (None)."""
     if not RESULTS.exists():
@@ -138,7 +158,7 @@ def write_report() -> None:
              "Greedy accuracy at the end of training (evaluation trials as listed), as a fraction of the",
              "ideal-observer ceiling. Produced by `python tests/benchmarks/learning.py` on a 2-core CPU",
              "machine; every row is a real run of `python main.py train-neurogym` with the defaults plus the",
-             "options shown. Mean over seeds, spread = max - min. Accuracy is that of the model the run",
+             "options shown. Mean over runs (seeds as listed in results.jsonl), spread = max - min. Accuracy is that of the model the run",
              "hands over (`selected_model.pt`: the final model or best_model.pt, whichever was better on",
              "separate validation seeds) on the test seeds; the last two columns test both candidates",
              "(best_model.pt is chosen during training by the training accuracy, with exploration).", "",
@@ -150,7 +170,7 @@ def write_report() -> None:
         sel = [r for r in rows if r["group"] == group]
         if not sel:
             continue
-        lines += [f"## {title}", "", "| task | dt | variant | seeds | accuracy (mean) | spread | % of ideal | "
+        lines += [f"## {title}", "", "| task | dt | variant | runs | accuracy (mean) | spread | % of ideal | "
                   "fix-break rate | wall (s, mean) | final model | best_model.pt |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["task"], r["dt"], r["label"]) for r in sel})
@@ -260,6 +280,8 @@ def main() -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra CLI options for every run")
     args = ap.parse_args()
     ran = []
+    if args.grid == "report":
+        print(f"refreshed {refresh_rows()} rows from their experiments' summary.json")
     if args.grid == "record":
         if not args.group or not args.dirs:
             ap.error("record needs --group and --dirs")
