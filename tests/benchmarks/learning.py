@@ -304,9 +304,7 @@ def main() -> None:
     elif args.grid == "long":
         for task in args.tasks:
             for seed in args.seeds:
-                label = "defaults + --bptt-chunk-size 40" + "".join(
-                    f" {opt} {args.extra[args.extra.index(opt) + 1]}"
-                    for opt in ("--time-limit-minutes", "--num-episodes") if opt in args.extra)
+                label = " ".join(["defaults + --bptt-chunk-size 40", *args.extra])
                 ran.append(run_one("long", task, seed, ["--bptt-chunk-size", "40", *args.extra],
                                    label, dt=10, eval_trials=args.eval_trials))
     elif args.grid == "ablations":
