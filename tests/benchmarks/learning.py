@@ -125,7 +125,9 @@ def refresh_rows() -> int:
             continue
         summary = json.loads((exp / "summary.json").read_text())
         sel = summary.get("selected_model")
-        if sel:
+        same_run = (summary.get("updates"), summary.get("final_eval", {}).get("accuracy")) == \
+            (r.get("updates"), r.get("accuracy"))    # the folder may hold a later re-run
+        if sel and same_run:
             r.update(selected_model=sel.get("checkpoint"), selected_accuracy=sel.get("eval", {}).get("accuracy"),
                      best_model_accuracy=summary.get("best_model_eval", {}).get("accuracy"))
             n += 1
