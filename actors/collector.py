@@ -102,7 +102,6 @@ class TrialCollector:
         # ground truth of the trial in progress is captured when that trial starts.
         self.cur_gt = [_ground_truth(u) for u in self.units]
         self.cur_gt_seq = [u.gt for u in self.units]       # the trial's per-step answers
-        self.n_actions = spec.num_actions
         self._rand_block = 512                            # exploration draws, a block at a time
         self._rand_i = self._rand_block
         self.trial_start_state = np.zeros_like(self.state)

@@ -345,11 +345,8 @@ def _check_header(obj: Any, schema: str, keys: frozenset, version: int,
     _check_keys(obj, keys, "message", err)
 
 
-def _decode_array(obj: Any, path: str, wire: np.dtype, native: type,
-                  shape_ok, err: type[TrialDecodeError]) -> np.ndarray:
-    """Validate an array map and build a fresh native-endian array.  ``shape_ok(shape)``
-    returns None if the declared shape is acceptable, else a description of the problem; it
-    is called before any array is created."""
+def _array_map_shape(obj: Any, path: str, wire: np.dtype, err: type[TrialDecodeError]) -> list:
+    """Check an array map's keys, dtype and declared shape (ints in [0, 2**63)); return the shape."""
     if not isinstance(obj, dict):
         raise err(f"{path}: expected an array map {{dtype, shape, data}}, got {_tname(obj)}")
     _check_keys(obj, _ARRAY_KEYS, path, err)
@@ -362,15 +359,31 @@ def _decode_array(obj: Any, path: str, wire: np.dtype, native: type,
     for d in shape:
         if type(d) is not int or d < 0 or d > _INT64_MAX:
             raise err(f"{path}: shape {_short(shape)} has an invalid dimension {_short(d)}")
-    problem = shape_ok(shape)
-    if problem:
-        raise err(f"{path}: {problem}")
+    return shape
+
+
+def _array_map_data(obj: dict, path: str, wire: np.dtype, shape: list,
+                    err: type[TrialDecodeError]) -> bytes:
+    """The array map's data, checked to be binary of exactly the size ``shape`` declares."""
     data = obj["data"]
     if not isinstance(data, bytes):
         raise err(f"{path}: data must be binary, got {_tname(data)}")
     need = math.prod(shape) * wire.itemsize
     if need != len(data):
         raise err(f"{path}: shape {shape} needs {need} bytes of data, got {len(data)}")
+    return data
+
+
+def _decode_array(obj: Any, path: str, wire: np.dtype, native: type,
+                  shape_ok, err: type[TrialDecodeError]) -> np.ndarray:
+    """Validate an array map and build a fresh native-endian array.  ``shape_ok(shape)``
+    returns None if the declared shape is acceptable, else a description of the problem; it
+    is called before any array is created."""
+    shape = _array_map_shape(obj, path, wire, err)
+    problem = shape_ok(shape)
+    if problem:
+        raise err(f"{path}: {problem}")
+    data = _array_map_data(obj, path, wire, shape, err)
     if wire.kind == "b" and len(data) and np.frombuffer(data, np.uint8).max() > 1:
         raise err(f"{path}: bool data holds bytes other than 0 and 1")
     # astype copies: the result is writable, native-endian and owns its memory
@@ -410,27 +423,10 @@ def _diagnose_column(msg: dict, name: str) -> tuple[list, bytes]:
     path = f"message.{name}"
     wire, ndim = _COLUMNS[name]
     obj = msg[name]
-    if not isinstance(obj, dict):
-        raise _E(f"{path}: expected an array map {{dtype, shape, data}}, got {_tname(obj)}")
-    _check_keys(obj, _ARRAY_KEYS, path, _E)
-    dt = obj["dtype"]
-    if not isinstance(dt, str) or dt != wire.str:
-        raise _E(f"{path}: dtype must be {wire.str!r}, got {_short(dt)}")
-    shape = obj["shape"]
-    if not isinstance(shape, list):
-        raise _E(f"{path}: shape must be a list of ints, got {_tname(shape)}")
-    for d in shape:
-        if type(d) is not int or d < 0 or d > _INT64_MAX:
-            raise _E(f"{path}: shape {_short(shape)} has an invalid dimension {_short(d)}")
+    shape = _array_map_shape(obj, path, wire, _E)
     if len(shape) != ndim:
         raise _E(f"{path}: must be {ndim}-D, got shape {_short(shape)}")
-    data = obj["data"]
-    if not isinstance(data, bytes):
-        raise _E(f"{path}: data must be binary, got {_tname(data)}")
-    need = math.prod(shape) * wire.itemsize
-    if need != len(data):
-        raise _E(f"{path}: shape {shape} needs {need} bytes of data, got {len(data)}")
-    return shape, data
+    return shape, _array_map_data(obj, path, wire, shape, _E)
 
 
 def _expect(name: str, shape: list, expected: list, why: str, *args: Any) -> None:

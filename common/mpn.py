@@ -106,8 +106,6 @@ class MPNCore(nn.Module):
         """(η, λ) as 0-d tensors."""
         if self.learn_plasticity:
             ts = self.time_scale
-            if ts == 1.0:
-                return self.eta_param, self.lambda_max * torch.sigmoid(self.lambda_logit)
             lam_ref = self.lambda_max ** (1.0 / ts) * torch.sigmoid(self.lambda_logit)   # per 100 ms
             return self.eta_param * ts, lam_ref ** ts
         return self.eta_param, self.lambda_logit

@@ -198,8 +198,7 @@ class NumpyPolicy:
         s = self.spec
         K = obs.shape[0]
         H = s.hidden_dim
-        if s.core != "mpn":
-            x = augment_obs_numpy(obs, s.input_bias)
+        x = None if s.core == "mpn" else augment_obs_numpy(obs, s.input_bias)   # the MPN appends it itself
         if s.core == "mpn":
             M = state.reshape(K, s.in_dim, H)
             if _numba_step is not None and M.dtype == np.float32 and obs.dtype == np.float32 \

@@ -55,31 +55,26 @@ def n_step_targets(rewards: torch.Tensor, mask: torch.Tensor, q_online: torch.Te
     r = rewards * m
     a_star = q_online.argmax(dim=-1, keepdim=True)                     # [B,T,1]
     v = q_target.gather(-1, a_star).squeeze(-1) * m                    # [B,T]; 0 past the end
+    # g: 1 where the return may run on through a step, 0 where it is cut (a non-greedy replayed
+    # action; padding counts as greedy, r = v = 0 there anyway).  Without the cut: all 1.
     if cut_non_greedy:
         if actions is None:
             raise ValueError("cut_non_greedy needs the replayed actions")
-        # 1 where the replayed action is greedy (and on padding, where r = v = 0 anyway)
-        g = ((actions == a_star.squeeze(-1)) | ~mask).to(r.dtype)      # [B,T]
-        y = r.clone()                                                  # k = 0: the evaluated action's reward
-        alive = torch.ones_like(r)                                     # no cut yet in t+1 .. t+k-1
-        for k in range(1, min(n_step, T)):
-            gk = g[:, k:]
-            y[:, : T - k] += alive[:, : T - k] * (gamma ** k) * (gk * r[:, k:] + (1 - gk) * v[:, k:])
-            alive[:, : T - k] *= gk
-        if n_step < T:
-            y[:, : T - n_step] += alive[:, : T - n_step] * (gamma ** n_step) * v[:, n_step:]
-        return y * m
-    y = torch.zeros_like(r)
-    for k in range(n_step):                                            # Σ γ^k r_{t+k}
-        if k >= T:
-            break
-        y[:, : T - k] += (gamma ** k) * r[:, k:]
+        g = ((actions == a_star.squeeze(-1)) | ~mask).to(r.dtype)     # [B,T]
+    else:
+        g = torch.ones_like(r)
+    y = r.clone()                                                      # k = 0: the evaluated action's reward
+    alive = torch.ones_like(r)                                         # no cut yet in t+1 .. t+k-1
+    for k in range(1, min(n_step, T)):                                 # + γ^k r_{t+k}, or γ^k v_{t+k} and stop
+        gk = g[:, k:]
+        y[:, : T - k] += alive[:, : T - k] * (gamma ** k) * (gk * r[:, k:] + (1 - gk) * v[:, k:])
+        alive[:, : T - k] *= gk
     if n_step < T:                                                     # + γ^n v_{t+n}
-        y[:, : T - n_step] += (gamma ** n_step) * v[:, n_step:]
+        y[:, : T - n_step] += alive[:, : T - n_step] * (gamma ** n_step) * v[:, n_step:]
     return y * m
 
 
-def step_weights(rewards: torch.Tensor, mask: torch.Tensor, plain_weight: float) -> torch.Tensor:
+def step_weights(mask: torch.Tensor, plain_weight: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Loss weight of every step [B,T]: 1 on the trial's last step (its outcome, a point event
     in task time), ``plain_weight`` on its other real steps; 0 on padding.
 
@@ -90,7 +85,7 @@ def step_weights(rewards: torch.Tensor, mask: torch.Tensor, plain_weight: float)
     step that answers under ~230 others: measured, the agent then never learned to use a
     representation that already separated the answers 98 % linearly.
     """
-    m = mask.to(rewards.dtype)
+    m = mask.to(dtype)
     if plain_weight == 1.0:
         return m
     last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
@@ -121,7 +116,7 @@ def td_loss(online: torch.nn.Module, target: torch.nn.Module, batch: TensorBatch
        one chunk).  The state is carried from chunk to chunk but detached, so gradients are
        truncated at chunk boundaries.  Each chunk contributes
        ``Σ_t w_t · huber(Q(s_t, a_t) - y_t) / Σ_t w_t`` over the batch's real steps, with
-       w_t = 1 on event steps and ``plain_step_weight`` elsewhere (:func:`step_weights`; with
+       w_t = 1 on each trial's last step and ``plain_step_weight`` elsewhere (:func:`step_weights`; with
        the default 1.0 this is the mean over real steps); with
        ``backward=True`` each chunk's loss is back-propagated as soon as it is computed, so only
        one chunk's graph is alive at a time (peak memory falls with the chunk size).
@@ -133,7 +128,7 @@ def td_loss(online: torch.nn.Module, target: torch.nn.Module, batch: TensorBatch
     obs, actions, mask = batch.obs, batch.actions, batch.mask
     B, T, _ = obs.shape
     n_real = mask.sum().clamp(min=1).to(obs.dtype)
-    w = step_weights(batch.rewards, mask, plain_step_weight)                     # [B,T]
+    w = step_weights(mask, plain_step_weight, obs.dtype)                         # [B,T]
     w_sum = w.sum().clamp(min=1e-12)
     chunk = T if chunk_size is None else max(1, min(int(chunk_size), T))
 

@@ -249,11 +249,10 @@ def test_cuda_graphs_refused_without_cuda():
 
 def test_step_weights_put_each_trial_outcome_at_one():
     from learner.loss import step_weights
-    rewards = torch.tensor([[0.0, -0.1, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
-    torch.testing.assert_close(step_weights(rewards, mask, 0.1),
+    torch.testing.assert_close(step_weights(mask, 0.1),
                                torch.tensor([[0.1, 0.1, 0.1, 1.0], [0.1, 1.0, 0.0, 0.0]]))
-    torch.testing.assert_close(step_weights(rewards, mask, 1.0), mask.float())   # dt 100: uniform
+    torch.testing.assert_close(step_weights(mask, 1.0), mask.float())   # dt 100: uniform
 
 
 def test_task_time_weighting_is_the_plain_mean_at_dt_100():
