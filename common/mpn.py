@@ -67,6 +67,7 @@ class MPNCore(nn.Module):
     kind = "mpn"
     use_scan = True     # the fused sequence op (MPNScan) for unmasked sequences; the loop is the reference
     use_cpu_kernels = True   # on CPU, the numba kernels of common/mpn_numba.py when numba is installed
+    use_gpu_kernels = True   # on CUDA, the Triton kernels of common/mpn_triton.py when Triton is installed
 
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
                  learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0,
@@ -245,13 +246,41 @@ def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tenso
 
     Without gradients (target network, burn-in, evaluation) the per-step states are not kept."""
     cpu = _use_cpu_kernels(x)
+    gpu = not cpu and _use_triton_kernels(x)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, M0, Wt, b, eta, lam))):
         with torch.no_grad():
             if cpu:
                 return _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam)
+            if gpu:
+                from common import mpn_triton
+                hs, MT, _ = mpn_triton.scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
+                return hs, MT
             xs, Ms, hs = _scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
             return hs.transpose(0, 1), Ms[x.shape[1] % 2].clone()
-    return (MPNScanCPU if cpu else MPNScan).apply(x, M0, Wt, b, eta, lam)
+    return (MPNScanCPU if cpu else MPNScanTriton if gpu else MPNScan).apply(x, M0, Wt, b, eta, lam)
+
+
+class MPNScanTriton(torch.autograd.Function):
+    """:class:`MPNScan` as two fused Triton kernels (``common/mpn_triton.py``), for CUDA."""
+
+    @staticmethod
+    def forward(ctx, x, M0, Wt, b, eta, lam):
+        from common import mpn_triton
+        x = x.detach().contiguous()
+        hs, MT, Ms = mpn_triton.scan_forward(x, M0.detach(), Wt.detach(), b.detach(), eta.detach(),
+                                             lam.detach(), keep_states=True)
+        ctx.save_for_backward(x, Ms, hs, Wt, eta, lam)
+        return hs, MT
+
+    @staticmethod
+    def backward(ctx, g_h, g_MT):
+        from common import mpn_triton
+        x, Ms, hs, Wt, eta, lam = ctx.saved_tensors
+        gM0, gWt, gb, geta, glam = mpn_triton.scan_backward(x, Ms, hs, Wt.detach(), eta.detach(),
+                                                            lam.detach(), g_h, g_MT)
+        return (None, gM0, gWt, gb,
+                geta.to(eta.dtype) if ctx.needs_input_grad[4] else None,
+                glam.to(lam.dtype) if ctx.needs_input_grad[5] else None)
 
 
 class MPNScanCPU(torch.autograd.Function):
@@ -294,6 +323,13 @@ def _use_cpu_kernels(x: torch.Tensor) -> bool:
         return False
     from common import mpn_numba
     return mpn_numba.available()
+
+
+def _use_triton_kernels(x: torch.Tensor) -> bool:
+    if x.dtype != torch.float32 or not MPNCore.use_gpu_kernels:
+        return False
+    from common import mpn_triton
+    return mpn_triton.available(x.device) and x.shape[-1] <= mpn_triton.MAX_IN_DIM
 
 
 def _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam):

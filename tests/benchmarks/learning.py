@@ -281,6 +281,12 @@ def main() -> None:
     ap.add_argument("--eval-trials", type=int, default=1000)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra CLI options for every run")
     args = ap.parse_args()
+
+    def with_extra(label: str) -> str:      # rows with extra options never pass for the defaults
+        if not args.extra:
+            return label
+        return f"{label}{' ' if ' + ' in label else ' + '}{' '.join(args.extra)}"
+
     ran = []
     if args.grid == "report":
         print(f"refreshed {refresh_rows()} rows from their experiments' summary.json")
@@ -292,29 +298,31 @@ def main() -> None:
     elif args.grid == "main":
         for task in args.tasks:
             for seed in args.seeds:
-                ran.append(run_one("main", task, seed, list(args.extra), "defaults", eval_trials=args.eval_trials))
+                ran.append(run_one("main", task, seed, list(args.extra), with_extra("defaults"),
+                                   eval_trials=args.eval_trials))
     elif args.grid == "other":
         for task in args.tasks:
             for seed in args.seeds:
-                ran.append(run_one("other", task, seed, list(args.extra), "defaults", eval_trials=args.eval_trials))
+                ran.append(run_one("other", task, seed, list(args.extra), with_extra("defaults"),
+                                   eval_trials=args.eval_trials))
     elif args.grid == "cores":
         for task in args.tasks:
             for seed in args.seeds:
                 for core in ("mpn", "gru", "lstm"):
-                    ran.append(run_one("cores", task, seed, ["--core", core, *args.extra], core,
+                    ran.append(run_one("cores", task, seed, ["--core", core, *args.extra], with_extra(core),
                                        eval_trials=args.eval_trials))
     elif args.grid == "long":
         for task in args.tasks:
             for seed in args.seeds:
-                label = " ".join(["defaults + --bptt-chunk-size 40", *args.extra])
                 ran.append(run_one("long", task, seed, ["--bptt-chunk-size", "40", *args.extra],
-                                   label, dt=10, eval_trials=args.eval_trials))
+                                   with_extra("defaults + --bptt-chunk-size 40"), dt=10,
+                                   eval_trials=args.eval_trials))
     elif args.grid == "ablations":
         for name in args.ablations:
             for label, opts in ABLATIONS[name]:
                 for task in args.tasks:
                     for seed in args.seeds:
-                        ran.append(run_one(f"ablation:{name}", task, seed, [*opts, *args.extra], label,
+                        ran.append(run_one(f"ablation:{name}", task, seed, [*opts, *args.extra], with_extra(label),
                                            budget_min=args.budget_min, eval_trials=args.eval_trials,
                                            budget_trials=None if args.budget_min else args.budget_trials))
     write_report()
