@@ -82,15 +82,15 @@ def graph_check(H, B=256, T=100, updates=5) -> float:
         eager.update(batch)
         graphed.update(batch)
     torch.cuda.synchronize()
-    return max(float((a - b).abs().max()) for a, b in zip(eager.online.parameters(), graphed.online.parameters()))
+    return max(float((a - b).detach().abs().max()) for a, b in zip(eager.online.parameters(), graphed.online.parameters()))
 
 
-def time_updates(B, T, H, repeats, graphs: bool, use_triton: bool) -> float:
+def time_updates(B, T, H, repeats, graphs: bool, use_triton: bool, chunk: int | None = None) -> float:
     """Median seconds per update (each repeat times 10 updates)."""
     MPNCore.use_gpu_kernels = use_triton
     spec = spec_for(H)
     learner = Learner(spec, gamma=0.99, n_step=5, n_step_cut="non-greedy", plain_step_weight=0.1,
-                      device="cuda", cuda_graphs=graphs)
+                      device="cuda", cuda_graphs=graphs, chunk_size=chunk)
     batch = make_batch(B, T, 5, 3, spec.state_size, torch.device("cuda"))
     for _ in range(6):
         learner.update(batch)
@@ -112,6 +112,9 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--train-shapes", type=lambda v: tuple(int(x) if x != "none" else None for x in v.split(",")),
+                    nargs="*", default=[(32, 32, None), (256, 32, None), (32, 480, 40), (256, 480, 40)],
+                    help="B,T,chunk of update shapes met in training (chunk 'none': whole trials)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark is for a GPU machine (bench_learner.py measures the CPU)")
@@ -155,6 +158,16 @@ def main():
                 continue
             rates[f"{name}@B{B}"] = round(B * T / sec)
             print(f"B={B:5d} {name:13s}: {sec * 1e3:8.3f} ms/update -> {B * T / sec / 1e6:8.2f} M trial-steps/s")
+    # training shapes: dt 100 trials (T ~ 20-30, padded to 32) and dt 10 trials in BPTT chunks of 40
+    for B, T2, chunk in args.train_shapes:
+        try:
+            sec = time_updates(B, T2, H, args.repeats, True, triton_ok, chunk)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            continue
+        key = f"train-shape B{B} T{T2} chunk{chunk}"
+        rates[key] = round(B * T2 / sec)
+        print(f"{key:30s}: {sec * 1e3:8.3f} ms/update -> {B * T2 / sec / 1e6:8.2f} M trial-steps/s")
     # baseline: the old per-step loop on this GPU (B=32; its rate per trial-step does not depend on B)
     spec = spec_for(H, learn=False)
     online, target = QNetwork(spec).cuda(), QNetwork(spec).cuda()
@@ -171,7 +184,7 @@ def main():
     print(f"old per-step loop (B=32): {base:10.0f} trial-steps/s")
     res["baseline_trial_steps_per_s"] = round(base)
     res["trial_steps_per_s"] = rates
-    best_key = max(rates, key=rates.get) if rates else None
+    best_key = max((k for k in rates if "@" in k), key=rates.get, default=None)
     res["best"] = best_key
     res["speedup_best_vs_baseline"] = round(rates[best_key] / base, 1) if best_key else None
     if best_key:
