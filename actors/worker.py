@@ -134,6 +134,7 @@ class ActorWorker:
         base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps)
         self.collector.epsilon = actor_epsilon(base, self.actor_id, self.num_actors)
         t_end = time.time() + seconds
+        cpu0 = time.process_time()
         summaries, episodes = [], []
         steps0, blocked0 = self.collector.env_steps, self.blocked_s
         self._flush(t_end)
@@ -158,7 +159,8 @@ class ActorWorker:
                "weights_version": self.collector.weights_version, "epsilon": self.collector.epsilon,
                "blocked_s": self.blocked_s - blocked0, "pending": len(self.pending),
                "rejected": self.rejected, "acked": [[e, n] for e, n in self.acked.items()],
-               "replay_down": self.replay_down, "replay_errors": self.replay_errors}
+               "replay_down": self.replay_down, "replay_errors": self.replay_errors,
+               "cpu_s": time.process_time() - cpu0}
         return msgpack.packb(out, use_bin_type=True)
 
 

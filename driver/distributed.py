@@ -126,6 +126,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.actors: list = []
         self.inflight: dict = {}
         self.actor_versions: list[int] = []
+        self.actor_cpu_s = 0.0                   # CPU seconds all actor processes spent acting
         self._init_recovery(resume_from)         # driver/recovery.py: restarts, snapshots
 
     # -- roles ---------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.win.add_episodes([SimpleNamespace(steps=e[0], reward=e[1]) for e in summary["episodes"]])
         c.episodes += len(summary["episodes"])
         self.actor_versions[i] = summary["weights_version"]
+        self.actor_cpu_s += float(summary.get("cpu_s", 0.0))
 
     def _poll(self) -> None:
         self.status = msgpack.unpackb(self._learner_get("status"), raw=False)
@@ -217,6 +219,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
                    "samples_per_insert": self.rstats.get("samples_per_insert"),
                    "replay_rejected": self.rstats.get("rejected", 0),
                    "actor_weights_versions": list(self.actor_versions),
+                   "actor_cpu_s": self.actor_cpu_s,
                    **self._fault_metrics(),
                    **{k: self.status[k] for k in ("eta", "lambda") if k in self.status}})
         self.last = {"t": now, "env": c.env_steps, "upd": c.updates, "train": c.trial_steps_trained,

@@ -36,6 +36,8 @@ def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
     assert last["updates"] > 0 and last["weights_version"] > 1   # the learner trained and published
     assert max(max(r["actor_weights_versions"]) for r in recs) > 1   # new weights reached actors
     assert all(r["replay_rejected"] == 0 for r in recs)
+    cpu = [r["actor_cpu_s"] for r in recs]                       # actors' own CPU time, cumulative
+    assert cpu == sorted(cpu) and 0 < cpu[-1] < 2 * last["wall_time"] + 1
     assert any(r["replay_size"] > 0 for r in recs)
     assert summary["updates"] == last["updates"] or summary["updates"] >= last["updates"]
     assert (exp.checkpoint_dir / "final_model.pt").exists()

@@ -54,6 +54,11 @@ def run(actors: int, seconds: float, replay_ratio: float, env_name: str, warmup_
         "policy_lag": med("policy_lag"),
         "accuracy_last": last.get("accuracy"),
     }
+    cpu = (last.get("actor_cpu_s") or 0.0) - (first.get("actor_cpu_s") or 0.0)
+    # env steps per CPU-second the actors actually got: flat in the actor count means no shared
+    # bottleneck (replay, driver) slows an actor down; the total then grows with the cores given
+    out["actor_cpu_cores"] = cpu / span
+    out["env_steps_per_actor_cpu_s"] = (last["env_steps"] - first["env_steps"]) / cpu if cpu > 0 else None
     out["vs_old_trainer"] = out["env_steps_per_s"] / OLD_TRAINER_ENV_STEPS_PER_S
     return out
 
@@ -76,8 +81,9 @@ def main():
         print(f"{n} actor(s): {r['env_steps_per_s']:8.0f} env steps/s ({r['vs_old_trainer']:.0f}x the old "
               f"trainer's 192) | {r['trial_steps_trained_per_s']:8.0f} trial-steps/s trained | "
               f"{r['updates_per_s']:.1f} upd/s | replay ratio {r['replay_ratio_achieved']:.2f} of "
-              f"{rr} configured | learner idle {r['learner_idle_frac']:.2f} | policy lag {r['policy_lag']:.1f}",
-              flush=True)
+              f"{rr} configured | learner idle {r['learner_idle_frac']:.2f} | policy lag {r['policy_lag']:.1f} | "
+              f"actors used {r['actor_cpu_cores']:.2f} cores, {r['env_steps_per_actor_cpu_s'] or 0:.0f} env steps "
+              f"per actor CPU-second", flush=True)
     summary = {"benchmark": "system", "env_name": args.env_name, "mode": "scaling" if args.scaling else "pace",
                "results": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}
     if len(results) >= 2:
@@ -85,6 +91,12 @@ def main():
         summary["scaling_efficiency"] = round(results[-1]["env_steps_per_s"] / (base * results[-1]["actors"]), 3)
         print(f"scaling efficiency {results[0]['actors']}->{results[-1]['actors']} actors: "
               f"{summary['scaling_efficiency']:.2f} of linear")
+        per_cpu = [r["env_steps_per_actor_cpu_s"] for r in (results[0], results[-1])]
+        if all(per_cpu):
+            summary["per_actor_cpu_efficiency"] = round(per_cpu[1] / per_cpu[0], 3)
+            print(f"env steps per actor CPU-second {results[0]['actors']}->{results[-1]['actors']} actors: "
+                  f"{summary['per_actor_cpu_efficiency']:.2f} (1.0: an added core's worth of actor "
+                  f"time yields as much as the first)")
     print(json.dumps(summary))
 
 
