@@ -207,6 +207,26 @@ def run_case(lo: int, hi: int, batch: int, n_trials: int, repeats: int, seed: in
     return med
 
 
+def sample_path(lo: int, hi: int, batch_sizes, repeats: int, seed: int) -> dict:
+    """µs per *sampled* trial of the learner's side of replay: ``TrialBuffer.sample`` +
+    ``encode_batch`` (replay server) + ``decode_batch`` (learner), on a buffer of 500 trials."""
+    from replay.buffer import TrialBuffer
+    from replay.wire import decode_batch, encode_batch
+    rng = np.random.default_rng(seed)
+    buf = TrialBuffer(500, OBS, STATE, seed=seed)
+    buf.add_many(make_trials(rng, 500, lo, hi))
+    out = {}
+    for B in batch_sizes:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                decode_batch(encode_batch(buf.sample(B, pad_multiple=32)), OBS, STATE)
+            runs.append((time.perf_counter() - t0) / (20 * B) * 1e6)
+        out[B] = statistics.median(runs)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16, help="trials per message")
@@ -232,7 +252,13 @@ def main(argv=None) -> int:
               f"{r['baseline_decode'] / r['decode']:>5.1f}x {r['bytes_per_trial']:>7.0f} "
               f"{r['baseline_bytes_per_trial']:>8.0f}")
     d, d10 = res["dt100"], res["dt10"]
+    samp = sample_path(*CASES["dt100"], (32, 256), args.repeats, args.seed)
+    print("learner side (sample + encode batch + decode batch), dt100 lengths, µs per sampled "
+          "trial: " + ", ".join(f"B {B}: {v:.2f}" for B, v in samp.items())
+          + f"  ({samp[256] / d['decode']:.1f}x the insert side's decode per trial)")
     print(json.dumps({
+        "sample_path_us_per_trial_b32": round(samp[32], 3),
+        "sample_path_us_per_trial_b256": round(samp[256], 3),
         "benchmark": "codec", "batch": args.batch, "repeats": args.repeats,
         "encode_us_per_trial": round(d["encode"], 3),
         "decode_us_per_trial": round(d["decode"], 3),
