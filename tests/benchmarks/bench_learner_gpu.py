@@ -10,6 +10,8 @@ runs on a bare GPU machine.  In one run it:
 3. times one TD update (both recurrences + loss + backward + clip + Adam) at B=1024 and 4096,
    T=100, H=128: Triton scan in a CUDA graph (what the learner uses on a GPU), torch scan in a
    CUDA graph, Triton scan without graphs;
+   (graphed updates pad T to a multiple of 32 — fixed shapes — so T=100 runs as 128; the rates
+   count real trial-steps only);
 4. times the old per-step loop (batch 1, one Python call per step) on the same GPU as the
    baseline, at B=32 (per trial-step it does not depend on B, and B=1024 would take minutes).
 
