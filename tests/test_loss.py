@@ -234,6 +234,12 @@ def test_padding_the_time_axis_leaves_loss_and_gradients_unchanged():
         loss, _ = td_loss(online, target, tb, gamma=0.9, n_step=3, backward=True)
         grads.append((float(loss), [p.grad.clone() for p in online.parameters()]))
     assert pad_time(b, 32).obs.shape[1] == 32
+    # buckets: within 12.5 % of T (within min_step for short T), a few lengths per doubling
+    from learner.learner import bucket_length
+    lengths = {bucket_length(T) for T in range(1, 1025)}
+    assert all(T <= bucket_length(T) < max(T + 8, 1.125 * T) for T in range(1, 1025))
+    assert [bucket_length(T) for T in (5, 40, 100, 465)] == [8, 40, 104, 480]
+    assert len(lengths) <= 8 * 7 + 8
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
