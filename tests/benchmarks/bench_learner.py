@@ -62,7 +62,7 @@ def old_loop_update(online: QNetwork, target: QNetwork, opt, batch: TensorBatch,
                 y = y + gamma * q_next_t[t + 1][q_next_o[t + 1].argmax()]
             loss = loss + torch.nn.functional.smooth_l1_loss(q[0, 0, batch.actions[b, t]], y)
         (loss / (B * T)).backward()
-        total += float(loss)
+        total += float(loss.detach())
     opt.step()
     return total
 
