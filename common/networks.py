@@ -63,7 +63,7 @@ class NetSpec:
     def from_config(cls, cfg, obs_dim: int, num_actions: int) -> "NetSpec":
         return cls(core=cfg.core, obs_dim=obs_dim, num_actions=num_actions, hidden_dim=cfg.hidden_dim,
                    eta=cfg.effective_eta, lambda_decay=cfg.effective_lambda,
-                   learn_plasticity=cfg.effective_learn_plasticity, lambda_max=cfg.effective_lambda_max,
+                   learn_plasticity=cfg.learn_plasticity, lambda_max=cfg.effective_lambda_max,
                    input_bias=cfg.input_bias, dueling=cfg.dueling, time_scale=cfg.dt / 100.0)
 
 

@@ -197,17 +197,3 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
     with pytest.raises(ValueError, match="time_scale"):
         MPNCore(3, 8, time_scale=0.0)
 
-
-def test_plasticity_is_learned_over_whole_trials_and_fixed_under_truncated_bptt():
-    """Default: learned η, λ when BPTT spans whole trials; fixed when --bptt-chunk-size truncates
-    it; an explicit --(no-)learn-plasticity always wins.  The network built follows."""
-    from common.config import TrainConfig
-    from common.networks import NetSpec
-    whole = TrainConfig(env_name="PerceptualDecisionMaking-v0")
-    chunked = TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=10, bptt_chunk_size=40)
-    forced = TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=10, bptt_chunk_size=40,
-                         learn_plasticity=True)
-    off = TrainConfig(env_name="PerceptualDecisionMaking-v0", learn_plasticity=False)
-    assert [c.effective_learn_plasticity for c in (whole, chunked, forced, off)] == [True, False, True, False]
-    assert NetSpec.from_config(whole, 3, 3).learn_plasticity is True
-    assert NetSpec.from_config(chunked, 3, 3).learn_plasticity is False

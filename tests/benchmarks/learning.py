@@ -36,12 +36,9 @@ TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchS
 RESULTS = ROOT / "docs" / "results.jsonl"
 # Which defaults a row was measured with.  The report's main tables use only rows of the current
 # defaults; rows of earlier defaults stay in results.jsonl and are listed as superseded.
-DEFAULTS = ("3: as 2, but η/λ fixed when --bptt-chunk-size truncates BPTT "
-            "(learned over whole trials)")
-V2 = "2: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms"
+DEFAULTS = "2: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms"
 EARLIER_DEFAULTS = "1: plain n-step returns, uniform TD weighting, η/λ learned per step"
-SUPERSEDED = {V2: "a run with --bptt-chunk-size learned η/λ (now fixed there); identical otherwise",
-              EARLIER_DEFAULTS: "no n-step cut, uniform TD weighting, η/λ learned per step (at dt 100 "
+SUPERSEDED = {EARLIER_DEFAULTS: "no n-step cut, uniform TD weighting, η/λ learned per step (at dt 100 "
                                 "only the cut changes training; at dt 10 all three)"}
 RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
 
@@ -152,13 +149,8 @@ def load_rows(current: bool | None = True) -> list[dict]:
 
 
 def is_current(row: dict) -> bool:
-    """Measured with the current defaults, or with version 2 where 3 trains the same way (no
-    --bptt-chunk-size, or plasticity learned/fixed explicitly)."""
-    if row["defaults"] == DEFAULTS:
-        return True
-    opts = row.get("options", [])
-    return row["defaults"] == V2 and ("--bptt-chunk-size" not in opts or any(
-        o in opts for o in ("--learn-plasticity", "--no-learn-plasticity")))
+    """Measured with the current defaults."""
+    return row["defaults"] == DEFAULTS
 
 
 def _stats(xs):
