@@ -197,3 +197,20 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
     with pytest.raises(ValueError, match="time_scale"):
         MPNCore(3, 8, time_scale=0.0)
 
+
+
+def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
+    """--m-timescale-max-ms bounds M's time constant in task time (λ_max = exp(-dt/τ_max));
+    an explicit --lambda-max wins; the bound never falls below the initial λ."""
+    from common.config import TrainConfig
+    from common.networks import NetSpec
+    c = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0)
+    assert c.effective_lambda_max == pytest.approx(math.exp(-10 / 3000))
+    core = QNetwork(NetSpec.from_config(c, 3, 3)).core
+    for _ in range(3):                                   # push λ up hard: it stays under the bound
+        core.lambda_logit.data += 50.0
+        assert float(core.plasticity()[1].detach()) <= math.exp(-10 / 3000) + 1e-7
+    assert TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0,
+                       lambda_max=0.999).effective_lambda_max == 0.999
+    low = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=500.0)
+    assert low.effective_lambda_max == pytest.approx(low.effective_lambda)    # 1950 ms initial
