@@ -203,7 +203,6 @@ def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
     """--m-timescale-max-ms bounds M's time constant in task time (λ_max = exp(-dt/τ_max));
     an explicit --lambda-max wins; the bound never falls below the initial λ."""
     from common.config import TrainConfig
-    from common.networks import NetSpec
     c = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0)
     assert c.effective_lambda_max == pytest.approx(math.exp(-10 / 3000))
     core = QNetwork(NetSpec.from_config(c, 3, 3)).core
