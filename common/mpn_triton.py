@@ -132,8 +132,8 @@ if triton is not None:
 def _launch_shape(I: int, H: int) -> tuple[int, int]:
     if I > MAX_IN_DIM:
         raise ValueError(f"the Triton MPN scan supports at most {MAX_IN_DIM} inputs (obs + 1), got {I}")
-    ip = max(2, triton.next_power_of_2(I))
-    bh = min(128, max(16, triton.next_power_of_2(H)))
+    ip = max(2, 1 << (I - 1).bit_length())              # next power of two (tl.arange needs one)
+    bh = min(128, max(16, 1 << (H - 1).bit_length()))
     return ip, bh
 
 
