@@ -137,6 +137,11 @@ class QNetwork(nn.Module):
         h, state = self.core(obs, state, mask=mask, reset=reset)
         return self.q_values(h), state
 
+    def project_(self) -> None:
+        """Constraints after an optimiser step (the MPN's bound on λ); a no-op for gated cores."""
+        if isinstance(self.core, MPNCore):
+            self.core.project_()
+
 
 def export_params(net: QNetwork) -> dict[str, np.ndarray]:
     """Torch weights -> ``{name: float32 numpy array}`` (the format broadcast to actors)."""

@@ -152,6 +152,7 @@ class Learner:
         if self.grad_clip > 0:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.grad_clip)
         self.optimizer.step()
+        self.online.project_()
         stats["loss"] = loss
         return stats
 

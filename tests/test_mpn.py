@@ -213,3 +213,48 @@ def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
                        lambda_max=0.999).effective_lambda_max == 0.999
     low = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=500.0)
     assert low.effective_lambda_max == pytest.approx(low.effective_lambda)    # 1950 ms initial
+
+
+def test_the_bound_on_lambda_does_not_slow_its_learning_where_it_does_not_bind():
+    """λ's gradient (per unit of θ) is the same under a tight and a loose bound while λ is below
+    both — the bound clamps, it does not rescale (a scale λ_max·σ(θ) slowed λ's learning on
+    ContextDM when the default bound went from 10 s to 3 s)."""
+    x = torch.randn(4, 12, 3)
+    grads = []
+    for lam_max in (math.exp(-100 / 3000), math.exp(-100 / 10000)):
+        torch.manual_seed(0)
+        core = MPNCore(3, 8, eta=0.5, lambda_decay=0.95, learn_plasticity=True, lambda_max=lam_max)
+        h, _ = core(x, core.initial_state(4))
+        h.square().sum().backward()
+        assert float(core.plasticity()[1].detach()) == pytest.approx(0.95, rel=1e-6)
+        grads.append(float(core.lambda_logit.grad))
+    assert grads[0] != 0.0
+    assert grads[0] == pytest.approx(grads[1], rel=1e-6)
+
+
+def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
+    """After every update θ sits at or below the bound, so λ ≤ λ_max; at the bound the clamp
+    still passes the gradient, so λ can come back down."""
+    from learner.learner import Learner
+    from learner.loss import TensorBatch
+    spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=8, learn_plasticity=True,
+                   eta=0.5, lambda_decay=0.95, lambda_max=0.96)
+    learner = Learner(spec, gamma=0.9, device="cpu")
+    core = learner.online.core
+    top = math.log(0.96 / 0.04)
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    batch = TensorBatch(obs=torch.randn(B, T, 3, generator=g), actions=torch.randint(0, 3, (B, T), generator=g),
+                        rewards=torch.randn(B, T, generator=g), mask=torch.ones(B, T, dtype=torch.bool),
+                        init_state=torch.zeros(B, core.state_size))
+    with torch.no_grad():
+        core.lambda_logit.fill_(top + 5.0)          # as if an optimiser step had overshot the bound
+    learner.update(batch)
+    assert float(core.lambda_logit) <= top + 1e-6
+    assert float(core.plasticity()[1].detach()) <= 0.96 + 1e-6
+    core.zero_grad()
+    with torch.no_grad():
+        core.lambda_logit.fill_(top)                # exactly at the bound
+    h, _ = core(batch.obs, batch.init_state)
+    h.sum().backward()
+    assert float(core.lambda_logit.grad) != 0.0

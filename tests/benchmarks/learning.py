@@ -36,15 +36,18 @@ TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchS
 RESULTS = ROOT / "docs" / "results.jsonl"
 # Which defaults a row was measured with.  The report's main tables use only rows of the current
 # defaults; rows of earlier defaults stay in results.jsonl and are listed as superseded.
-DEFAULTS = ("3: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, "
-            "M's time constant ≤ 3 s")
+DEFAULTS = ("4: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, "
+            "M's time constant ≤ 3 s (a clamp on λ)")
 EARLIER_DEFAULTS = "1: plain n-step returns, uniform TD weighting, η/λ learned per step"
 SUPERSEDED = {
     EARLIER_DEFAULTS: "no n-step cut, uniform TD weighting, η/λ learned per step (at dt 100 only the "
                       "cut changes training; at dt 10 all three)",
     "2: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms":
         "M's time constant bounded at 10 s, not 3 s (--m-timescale-max-ms 10000: lambda ≤ 0.990 at "
-        "dt 100, ≤ 0.999 at dt 10)",
+        "dt 100, ≤ 0.999 at dt 10), the bound a scale (λ = λ_max·σ(θ))",
+    "3: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, M's time constant ≤ 3 s":
+        "the bound a scale (λ = λ_max·σ(θ), so the tighter bound also slowed λ's learning where it "
+        "did not bind), not a clamp",
 }
 RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
 
