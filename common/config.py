@@ -211,7 +211,7 @@ class TrainConfig(ConfigBase):
         1950.0, "time constant of M's decay in ms of task time (1950 ms = the seed's lambda 0.95 "
         "at dt 100, 0.9949 at dt 10)", low=0.0, low_open=True)
     learn_plasticity: bool = opt(
-        True, "learn eta and lambda by backprop (lambda kept in [0, lambda_max]); "
+        True, "learn eta and lambda by backprop (lambda clamped to [0, lambda_max]); "
         "--no-learn-plasticity keeps them fixed. Measured both ways: at dt 100 learning wins on "
         "PerceptualDM and ContextDM (eta rises ~7x, M's time constant falls to 0.35-0.75 s); at dt 10 "
         "with --bptt-chunk-size 40 fixed wins on DelayMatchSample (0.96 vs 0.87) but loses badly on "
