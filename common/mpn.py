@@ -82,11 +82,11 @@ class MPNCore(nn.Module):
         # per update whatever its scale, so a per-step η of 0.05 at dt = 10 would be moved 10x
         # faster, relative to its size, than 0.5 at dt = 100 (measured: η fell from 0.05 to 0.003
         # within 500 episodes of DelayMatchSample at dt = 10 and the agent stayed at chance).
-        # Why λ_max is a clamp (with θ projected back onto it after each optimiser step by
-        # ``project_``; the learner calls it) and not a scale λ_max·σ(θ): as a scale, a tighter bound moves the initial λ
-        # up the sigmoid's flat end and slows its learning even where the bound never binds
-        # (measured: with λ_max 0.967 instead of 0.990 at dt 100, λ on ContextDM ended at 0.88–0.91
-        # instead of 0.75–0.87 and accuracy fell from 0.920 to 0.888, mean of 3 seeds).
+        # Why λ_max is a clamp (θ projected back onto it after each optimiser step by ``project_``,
+        # which the learner calls) and not a scale λ_max·σ(θ): as a scale, a tighter bound moves
+        # the initial λ up the sigmoid's flat end and slows its learning even where the bound never
+        # binds (measured: with λ_max 0.967 instead of 0.990 at dt 100, λ on ContextDM ended at
+        # 0.88–0.91 instead of 0.75–0.87 and accuracy fell from 0.920 to 0.888, mean of 3 seeds).
         self.time_scale = float(time_scale)
         self.obs_dim = obs_dim
         self.hidden_dim = hidden_dim
