@@ -198,7 +198,6 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
         MPNCore(3, 8, time_scale=0.0)
 
 
-
 def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
     """--m-timescale-max-ms bounds M's time constant in task time (λ_max = exp(-dt/τ_max));
     an explicit --lambda-max wins; the bound never falls below the initial λ."""
