@@ -227,6 +227,9 @@ class TrainConfig(ConfigBase):
         "trials interfered; 3000 lifted DelayMatchSample from 0.87 to 0.94 and ContextDM from 0.82 "
         "to 0.89 (seed 0; see README, Results). A clamp: it changes nothing until lambda reaches it",
         low=0.0, low_open=True)
+    eta_min_per_100ms: Optional[float] = opt(
+        None, "floor of a learnable eta per 100 ms of task time (a clamp, like lambda's bound: "
+        "it changes nothing until eta reaches it); none: no floor")
     input_bias: float = opt(
         1.0, "value of the constant input channel appended to every observation (lets the "
         "network read M when the observation is all zeros; 0 disables it)")
@@ -322,6 +325,12 @@ class TrainConfig(ConfigBase):
         if self.learn_plasticity and self.effective_lambda > self.effective_lambda_max:
             raise ConfigError(f"--lambda-decay ({self.effective_lambda:.4f}) must be <= --lambda-max "
                               f"({self.effective_lambda_max:.4f}) with --learn-plasticity")
+        if (self.learn_plasticity and self.effective_eta_min is not None
+                and self.effective_eta < self.effective_eta_min):
+            raise ConfigError(f"--eta ({self.effective_eta:.4g} per step) must be >= the floor "
+                              f"--eta-min-per-100ms ({self.eta_min_per_100ms}, "
+                              f"{self.effective_eta_min:.4g} per step) with --learn-plasticity; "
+                              "lower the floor or raise --eta / --eta-per-100ms")
         if self.learning_starts < self.trial_batch_size:
             raise ConfigError(f"--learning-starts ({self.learning_starts}) must be >= "
                               f"--trial-batch-size ({self.trial_batch_size})")
@@ -343,6 +352,13 @@ class TrainConfig(ConfigBase):
     @property
     def effective_eta(self) -> float:
         return self.eta if self.eta is not None else self.eta_per_100ms * self.dt / 100.0
+
+    @property
+    def effective_eta_min(self) -> Optional[float]:
+        """The floor of a learnable η per step (None: no floor)."""
+        if self.eta_min_per_100ms is None:
+            return None
+        return self.eta_min_per_100ms * self.dt / 100.0
 
     @property
     def effective_lambda(self) -> float:

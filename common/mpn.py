@@ -71,7 +71,7 @@ class MPNCore(nn.Module):
 
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
                  learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0,
-                 time_scale: float = 1.0):
+                 time_scale: float = 1.0, eta_min: float | None = None):
         super().__init__()
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0 (dt / 100 ms), got {time_scale}")
@@ -95,6 +95,7 @@ class MPNCore(nn.Module):
         self.state_size = self.in_dim * hidden_dim
         self.learn_plasticity = learn_plasticity
         self.lambda_max = float(lambda_max)
+        self.eta_min = None if eta_min is None else float(eta_min)
         bound = 1.0 / math.sqrt(self.in_dim)
         self.W = nn.Parameter(torch.empty(hidden_dim, self.in_dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(hidden_dim))
@@ -115,7 +116,10 @@ class MPNCore(nn.Module):
             # min(λ, bound) in value; the gradient passes as if unclamped (straight through), so a
             # λ held at its bound can still be pulled back down
             lam_ref = lam_ref - (lam_ref - self._lambda_max_ref).clamp(min=0).detach()
-            return self.eta_param * ts, lam_ref ** ts
+            eta = self.eta_param * ts
+            if self.eta_min is not None:     # max(η, η_min) in value, the gradient straight through
+                eta = eta + (self.eta_min - eta).clamp(min=0).detach()
+            return eta, lam_ref ** ts
         return self.eta_param, self.lambda_logit
 
     @property
@@ -125,12 +129,14 @@ class MPNCore(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Put θ back onto the bound of λ after an optimiser step (projected gradient descent):
-        without it θ could run on beyond the bound (λ's value is clamped, its gradient is not) and
-        would take as long to come back.  Plain in-place tensor maths: CUDA-graph safe."""
+        """Put θ back onto the bound of λ, and η_param onto η's floor, after an optimiser step
+        (projected gradient descent): without it θ could run on beyond the bound (λ's value is
+        clamped, its gradient is not) and would take as long to come back.  Plain in-place tensor maths: CUDA-graph safe."""
         if self.learn_plasticity:
             top = min(max(self._lambda_max_ref, 1e-6), 1 - 1e-6)
             self.lambda_logit.clamp_(max=math.log(top / (1 - top)))
+            if self.eta_min is not None:
+                self.eta_param.clamp_(min=self.eta_min / self.time_scale)
 
     def initial_state(self, batch: int, device=None) -> torch.Tensor:
         return torch.zeros(batch, self.state_size, device=device or self.W.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class NetSpec:
     input_bias: float = 1.0
     dueling: bool = False
     time_scale: float = 1.0      # dt / 100 ms: learnable η, λ are parameterised per 100 ms (MPNCore)
+    eta_min: Optional[float] = None   # floor of a learnable η per step (None: no floor)
 
     @property
     def in_dim(self) -> int:
@@ -64,7 +66,8 @@ class NetSpec:
         return cls(core=cfg.core, obs_dim=obs_dim, num_actions=num_actions, hidden_dim=cfg.hidden_dim,
                    eta=cfg.effective_eta, lambda_decay=cfg.effective_lambda,
                    learn_plasticity=cfg.learn_plasticity, lambda_max=cfg.effective_lambda_max,
-                   input_bias=cfg.input_bias, dueling=cfg.dueling, time_scale=cfg.dt / 100.0)
+                   input_bias=cfg.input_bias, dueling=cfg.dueling, time_scale=cfg.dt / 100.0,
+                   eta_min=cfg.effective_eta_min)
 
 
 class GatedCore(nn.Module):
@@ -111,7 +114,8 @@ class QNetwork(nn.Module):
         if spec.core == "mpn":
             self.core = MPNCore(spec.obs_dim, spec.hidden_dim, eta=spec.eta, lambda_decay=spec.lambda_decay,
                                 learn_plasticity=spec.learn_plasticity, lambda_max=spec.lambda_max,
-                                input_bias=spec.input_bias, time_scale=spec.time_scale)
+                                input_bias=spec.input_bias, time_scale=spec.time_scale,
+                                eta_min=spec.eta_min)
         elif spec.core in ("gru", "lstm"):
             self.core = GatedCore(spec.core, spec.obs_dim, spec.hidden_dim, spec.input_bias)
         else:
