@@ -1,5 +1,6 @@
 """The MPN and the other cores: torch and numpy agree, and the network can read M at x = 0."""
 import math
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -257,3 +258,38 @@ def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
     h, _ = core(batch.obs, batch.init_state)
     h.sum().backward()
     assert float(core.lambda_logit.grad) != 0.0
+
+
+def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
+    """--eta-min-per-100ms: η ≥ its floor after every update (η_param projected back), the floor
+    passes the gradient straight through (η can rise again) and is scaled per 100 ms of task time."""
+    from common.config import ConfigError, TrainConfig
+    from learner.learner import Learner
+    from learner.loss import TensorBatch
+    cfg = TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=0.1)
+    assert cfg.effective_eta_min == pytest.approx(0.01)
+    spec = NetSpec.from_config(cfg, 3, 3)
+    assert spec.eta_min == pytest.approx(0.01) and spec.time_scale == pytest.approx(0.1)
+    learner = Learner(dataclasses_replace(spec, hidden_dim=8), gamma=0.9, device="cpu")
+    core = learner.online.core
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    batch = TensorBatch(obs=torch.randn(B, T, 3, generator=g), actions=torch.randint(0, 3, (B, T), generator=g),
+                        rewards=torch.randn(B, T, generator=g), mask=torch.ones(B, T, dtype=torch.bool),
+                        init_state=torch.zeros(B, core.state_size))
+    with torch.no_grad():
+        core.eta_param.fill_(-0.3)                  # as if an optimiser step had gone below the floor
+    assert float(core.plasticity()[0].detach()) == pytest.approx(0.01)    # clamped in value
+    learner.update(batch)
+    assert float(core.eta_param) >= 0.1 - 1e-6      # projected: the floor per 100 ms
+    assert float(core.plasticity()[0].detach()) >= 0.01 - 1e-7
+    core.zero_grad()
+    with torch.no_grad():
+        core.eta_param.fill_(0.1)                   # exactly at the floor
+    h, _ = core(batch.obs, batch.init_state)
+    h.sum().backward()
+    assert float(core.eta_param.grad) != 0.0
+    assert NetSpec(**{k: v for k, v in spec.to_dict().items() if k != "eta_min"}).eta_min is None
+    with pytest.raises(ConfigError, match="eta-min-per-100ms"):
+        TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=1.0)
+    TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=1.0, learn_plasticity=False)
