@@ -36,8 +36,8 @@ TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchS
 RESULTS = ROOT / "docs" / "results.jsonl"
 # Which defaults a row was measured with.  The report's main tables use only rows of the current
 # defaults; rows of earlier defaults stay in results.jsonl and are listed as superseded.
-DEFAULTS = ("4: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, "
-            "M's time constant ≤ 3 s (a clamp on λ)")
+DEFAULTS = ("5: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, "
+            "M's time constant ≤ 3 s (a clamp on λ), η ≥ 0.1 per 100 ms (a clamp)")
 EARLIER_DEFAULTS = "1: plain n-step returns, uniform TD weighting, η/λ learned per step"
 SUPERSEDED = {
     EARLIER_DEFAULTS: "no n-step cut, uniform TD weighting, η/λ learned per step (at dt 100 only the "
@@ -48,6 +48,10 @@ SUPERSEDED = {
     "3: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, M's time constant ≤ 3 s":
         "the bound a scale (λ = λ_max·σ(θ), so the tighter bound also slowed λ's learning where it "
         "did not bind), not a clamp",
+    "4: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, M's time constant ≤ 3 s "
+    "(a clamp on λ)":
+        "no floor on a learned η (it could fall to 0 and below); identical to version 5 wherever η "
+        "stays above 0.1 per 100 ms (every dt-100 run of version 4: η ≥ 0.44)",
 }
 RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
 
