@@ -53,6 +53,14 @@ SUPERSEDED = {
         "no floor on a learned η (it could fall to 0 and below); identical to version 5 wherever η "
         "stays above 0.1 per 100 ms (every dt-100 run of version 4: η ≥ 0.44)",
 }
+# Rows of an earlier version that count as measured with the current defaults, and why: the
+# version-5 change (a floor of 0.1 per 100 ms on a learned η) is a clamp, so a run whose η never
+# came near the floor computed exactly what version 5 computes. Checked per row from the η its
+# metrics logged (every print_freq episodes); a margin of 2x covers the updates between two records.
+CARRIED_OVER = {
+    "4: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, M's time constant ≤ 3 s "
+    "(a clamp on λ)": lambda row: (row.get("eta_min_per_100ms_logged") or 0.0) >= 2 * 0.1,
+}
 RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
 
 # ablation name -> list of (variant label, extra CLI options)
@@ -118,6 +126,7 @@ def _finish_row(row: dict, exp: Path, stderr: str) -> dict:
                    selected_accuracy=summary.get("selected_model", {}).get("eval", {}).get("accuracy"))
         curve = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines() if line.strip()]
         row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in curve]
+        row.update(_eta_logged(curve, dt))
     except (OSError, json.JSONDecodeError) as exc:
         row["error"] = f"{exc}; stderr: {stderr[-500:]}"
     RESULTS.parent.mkdir(exist_ok=True)
@@ -129,6 +138,13 @@ def _finish_row(row: dict, exp: Path, stderr: str) -> dict:
     return row
 
 
+def _eta_logged(records: list[dict], dt: int) -> dict:
+    """The smallest learned η per 100 ms among the metrics records (absent: fixed plasticity or a
+    gated core)."""
+    etas = [r["eta"] * 100.0 / dt for r in records if r.get("eta") is not None]
+    return {"eta_min_per_100ms_logged": round(min(etas), 4)} if etas else {}
+
+
 def refresh_rows() -> int:
     """Re-read summary.json of every row whose experiment folder still exists and fill the
     model-selection fields it lacks (rows written by an older learning.py).  Returns how many."""
@@ -136,15 +152,19 @@ def refresh_rows() -> int:
     n = 0
     for r in rows:
         exp = Path(r.get("experiment", ""))
-        if "selected_accuracy" in r or not (exp / "summary.json").exists():
+        if ("selected_accuracy" in r and "eta_min_per_100ms_logged" in r) or not (exp / "summary.json").exists():
             continue
         summary = json.loads((exp / "summary.json").read_text())
         sel = summary.get("selected_model")
         same_run = (summary.get("updates"), summary.get("final_eval", {}).get("accuracy")) == \
             (r.get("updates"), r.get("accuracy"))    # the folder may hold a later re-run
-        if sel and same_run:
+        if sel and same_run and "selected_accuracy" not in r:
             r.update(selected_model=sel.get("checkpoint"), selected_accuracy=sel.get("eval", {}).get("accuracy"),
                      best_model_accuracy=summary.get("best_model_eval", {}).get("accuracy"))
+            n += 1
+        if same_run and "eta_min_per_100ms_logged" not in r and (exp / "metrics.jsonl").exists():
+            records = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            r.update(_eta_logged(records, r["dt"]))
             n += 1
     if n:
         RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -162,8 +182,10 @@ def load_rows(current: bool | None = True) -> list[dict]:
 
 
 def is_current(row: dict) -> bool:
-    """Measured with the current defaults."""
-    return row["defaults"] == DEFAULTS
+    """Measured with the current defaults, or with an earlier version whose difference provably
+    did not act in this run (``CARRIED_OVER``)."""
+    carried = CARRIED_OVER.get(row["defaults"])
+    return row["defaults"] == DEFAULTS or (carried is not None and carried(row))
 
 
 def _stats(xs):
@@ -176,6 +198,9 @@ def _stats(xs):
 
 def write_report() -> None:
     rows = load_rows(current=True)
+    for r in rows:          # carried-over rows say so (a display label only: not written back)
+        if r["defaults"] != DEFAULTS:
+            r["label"] += f" [version {r['defaults'][0]}, η never near the floor]"
     lines = ["# Learning results", "",
              "Greedy accuracy at the end of training (evaluation trials as listed), as a fraction of the",
              "ideal-observer ceiling. Produced by `python tests/benchmarks/learning.py` on a 2-core CPU",
