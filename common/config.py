@@ -215,8 +215,8 @@ class TrainConfig(ConfigBase):
         "--no-learn-plasticity keeps them fixed. Measured both ways: at dt 100 learning wins on "
         "PerceptualDM and ContextDM (eta rises ~7x, M's time constant falls to 0.35-0.75 s); at dt 10 "
         "with --bptt-chunk-size 40 fixed wins on DelayMatchSample (0.96 vs 0.87) but loses badly on "
-        "ContextDM (0.64 vs 0.82-0.86), and a learned eta can collapse to ~0 early in a dt-10 run "
-        "(DelayMatchSample seed 1: chance; see README, Results)")
+        "ContextDM (0.64 vs 0.82-0.86); without a floor a learned eta can collapse to ~0 early in a "
+        "dt-10 run (DelayMatchSample seed 1: chance), hence --eta-min-per-100ms (see README, Results)")
     lambda_max: Optional[float] = opt(
         None, "upper bound of a learnable lambda per step; default: exp(-dt / "
         "--m-timescale-max-ms) (0.967 at dt 100, 0.9967 at dt 10)", low=0.0, high=1.0)
