@@ -231,9 +231,9 @@ class TrainConfig(ConfigBase):
         0.1, "floor of a learnable eta per 100 ms of task time (a clamp, like lambda's bound: it "
         "changes nothing until eta reaches it, and eta can rise off it); none: no floor. Measured "
         "at dt 10 with --bptt-chunk-size 40 (DelayMatchSample seed 1): without it eta fell from 0.5 "
-        "to ~0 within 2 min, before M was used, and the run stayed at chance for 25 min; with it "
-        "eta sat at 0.1 until the delay memory was found (~9 min), then rose. At dt 100 eta never "
-        "came near it (>= 0.44 per 100 ms in every run)")
+        "to ~0 within 2 min, before M was used, and the run stayed at chance for 25 min (0.650); "
+        "with it eta sat at 0.1 until the delay memory was found (~6 min), then rose (0.934). At "
+        "dt 100 eta never came near it (>= 0.44 per 100 ms in every run)")
     input_bias: float = opt(
         1.0, "value of the constant input channel appended to every observation (lets the "
         "network read M when the observation is all zeros; 0 disables it)")
