@@ -263,11 +263,12 @@ def write_report() -> None:
         lines += ["## Superseded: measured with earlier defaults", ""]
         for version, differs in SUPERSEDED.items():
             lines += [f"- version {version} — differs: {differs}"]
-        lines += ["", "| version | group | task | dt | variant | runs | accuracy (mean) | % of ideal |",
+        lines += ["", "Accuracy of the handed-over model where the run recorded one, else of the final model.",
+                  "", "| version | group | task | dt | variant | runs | accuracy (mean) | % of ideal |",
                   "|---|---|---|---|---|---|---|---|"]
         for key in sorted({(r["defaults"][0], r["group"], r["task"], r["dt"], r["label"]) for r in old}):
             rs = [r for r in old if (r["defaults"][0], r["group"], r["task"], r["dt"], r["label"]) == key]
-            m, _, n = _stats([r.get("accuracy") for r in rs])
+            m, _, n = _stats([r.get("selected_accuracy", r.get("accuracy")) for r in rs])
             ideal = ideal_accuracy(key[2], key[3])
             pct = f"{100 * m / ideal:.1f}%" if (m is not None and ideal) else "-"
             lines.append(f"| {' | '.join(map(str, key))} | {n} | "
