@@ -131,7 +131,8 @@ class MPNCore(nn.Module):
     def project_(self) -> None:
         """Put θ back onto the bound of λ, and η_param onto η's floor, after an optimiser step
         (projected gradient descent): without it θ could run on beyond the bound (λ's value is
-        clamped, its gradient is not) and would take as long to come back.  Plain in-place tensor maths: CUDA-graph safe."""
+        clamped, its gradient is not) and would take as long to come back.  Plain in-place tensor
+        maths: CUDA-graph safe."""
         if self.learn_plasticity:
             top = min(max(self._lambda_max_ref, 1e-6), 1 - 1e-6)
             self.lambda_logit.clamp_(max=math.log(top / (1 - top)))

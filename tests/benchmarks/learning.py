@@ -57,9 +57,10 @@ SUPERSEDED = {
 # version-5 change (a floor of 0.1 per 100 ms on a learned η) is a clamp, so a run whose η never
 # came near the floor computed exactly what version 5 computes. Checked per row from the η its
 # metrics logged (every print_freq episodes); a margin of 2x covers the updates between two records.
+ETA_FLOOR_V5 = 0.1      # --eta-min-per-100ms of version 5
 CARRIED_OVER = {
     "4: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, M's time constant ≤ 3 s "
-    "(a clamp on λ)": lambda row: (row.get("eta_min_per_100ms_logged") or 0.0) >= 2 * 0.1,
+    "(a clamp on λ)": lambda row: (row.get("eta_min_per_100ms_logged") or 0.0) >= 2 * ETA_FLOOR_V5,
 }
 RUNS_DIR = Path(os.environ.get("MPN_DQN_RUNS", "/tmp/mpn-dqn-learning"))
 
@@ -139,8 +140,8 @@ def _finish_row(row: dict, exp: Path, stderr: str) -> dict:
 
 
 def _eta_logged(records: list[dict], dt: int) -> dict:
-    """The smallest learned η per 100 ms among the metrics records (absent: fixed plasticity or a
-    gated core)."""
+    """The smallest η per 100 ms among the metrics records (learned or fixed; absent for the gated
+    cores, which log none)."""
     etas = [r["eta"] * 100.0 / dt for r in records if r.get("eta") is not None]
     return {"eta_min_per_100ms_logged": round(min(etas), 4)} if etas else {}
 
