@@ -232,21 +232,25 @@ def test_the_bound_on_lambda_does_not_slow_its_learning_where_it_does_not_bind()
     assert grads[0] == pytest.approx(grads[1], rel=1e-6)
 
 
+def _random_batch(state_size: int, B: int = 4, T: int = 6):
+    """A small TD batch for a 3-input, 3-action network, zero initial state."""
+    from learner.loss import TensorBatch
+    g = torch.Generator().manual_seed(0)
+    return TensorBatch(obs=torch.randn(B, T, 3, generator=g), actions=torch.randint(0, 3, (B, T), generator=g),
+                       rewards=torch.randn(B, T, generator=g), mask=torch.ones(B, T, dtype=torch.bool),
+                       init_state=torch.zeros(B, state_size))
+
+
 def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
     """After every update θ sits at or below the bound, so λ ≤ λ_max; at the bound the clamp
     still passes the gradient, so λ can come back down."""
     from learner.learner import Learner
-    from learner.loss import TensorBatch
     spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=8, learn_plasticity=True,
                    eta=0.5, lambda_decay=0.95, lambda_max=0.96)
     learner = Learner(spec, gamma=0.9, device="cpu")
     core = learner.online.core
     top = math.log(0.96 / 0.04)
-    g = torch.Generator().manual_seed(0)
-    B, T = 4, 6
-    batch = TensorBatch(obs=torch.randn(B, T, 3, generator=g), actions=torch.randint(0, 3, (B, T), generator=g),
-                        rewards=torch.randn(B, T, generator=g), mask=torch.ones(B, T, dtype=torch.bool),
-                        init_state=torch.zeros(B, core.state_size))
+    batch = _random_batch(core.state_size)
     with torch.no_grad():
         core.lambda_logit.fill_(top + 5.0)          # as if an optimiser step had overshot the bound
     learner.update(batch)
@@ -265,18 +269,13 @@ def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
     passes the gradient straight through (η can rise again) and is scaled per 100 ms of task time."""
     from common.config import ConfigError, TrainConfig
     from learner.learner import Learner
-    from learner.loss import TensorBatch
     cfg = TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=0.1)
     assert cfg.effective_eta_min == pytest.approx(0.01)
     spec = NetSpec.from_config(cfg, 3, 3)
     assert spec.eta_min == pytest.approx(0.01) and spec.time_scale == pytest.approx(0.1)
     learner = Learner(dataclasses_replace(spec, hidden_dim=8), gamma=0.9, device="cpu")
     core = learner.online.core
-    g = torch.Generator().manual_seed(0)
-    B, T = 4, 6
-    batch = TensorBatch(obs=torch.randn(B, T, 3, generator=g), actions=torch.randint(0, 3, (B, T), generator=g),
-                        rewards=torch.randn(B, T, generator=g), mask=torch.ones(B, T, dtype=torch.bool),
-                        init_state=torch.zeros(B, core.state_size))
+    batch = _random_batch(core.state_size)
     with torch.no_grad():
         core.eta_param.fill_(-0.3)                  # as if an optimiser step had gone below the floor
     assert float(core.plasticity()[0].detach()) == pytest.approx(0.01)    # clamped in value
