@@ -58,10 +58,10 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
 
     @triton.jit
-    def _scan_fwd_kernel(x_ptr, m0_ptr, wt_ptr, b_ptr, eta_ptr, lam_ptr, h_ptr, ms_ptr, mt_ptr,
-                         T, I, H,
-                         STORE_STATES: tl.constexpr, IP: tl.constexpr, BH: tl.constexpr):
-        """x [B,T,I]; M0 [B,I,H]; Wt [I,H]; b [H] -> h [B,T,H], M_T [B,I,H] (+ Ms [B,T,I,H])."""
+    def _program_tile(I, H, IP: tl.constexpr, BH: tl.constexpr):
+        """This program's trial and block of hidden units: the trial index, the unit and input
+        offsets, their masks, and the flat [I, H] offsets of its tile of M (shared by both
+        kernels, which must agree on the tiling)."""
         pid_b = tl.program_id(0).to(tl.int64)
         offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
         offs_i = tl.arange(0, IP)
@@ -69,6 +69,14 @@ if triton is not None:
         i_ok = offs_i < I
         ih_ok = i_ok[:, None] & h_ok[None, :]
         ih = offs_i[:, None] * H + offs_h[None, :]
+        return pid_b, offs_h, offs_i, h_ok, i_ok, ih_ok, ih
+
+    @triton.jit
+    def _scan_fwd_kernel(x_ptr, m0_ptr, wt_ptr, b_ptr, eta_ptr, lam_ptr, h_ptr, ms_ptr, mt_ptr,
+                         T, I, H,
+                         STORE_STATES: tl.constexpr, IP: tl.constexpr, BH: tl.constexpr):
+        """x [B,T,I]; M0 [B,I,H]; Wt [I,H]; b [H] -> h [B,T,H], M_T [B,I,H] (+ Ms [B,T,I,H])."""
+        pid_b, offs_h, offs_i, h_ok, i_ok, ih_ok, ih = _program_tile(I, H, IP, BH)
         M = tl.load(m0_ptr + pid_b * I * H + ih, mask=ih_ok, other=0.0)
         Wt = tl.load(wt_ptr + ih, mask=ih_ok, other=0.0)
         bias = tl.load(b_ptr + offs_h, mask=h_ok, other=0.0)
@@ -91,13 +99,7 @@ if triton is not None:
                          T, I, H, IP: tl.constexpr, BH: tl.constexpr):
         """Reverse pass.  Writes ∂M0 [B,I,H] and per-trial partials ∂Wt [B,I,H], ∂b [B,H],
         ∂η [B,H], ∂λ [B,I,H] (summed over B by the caller)."""
-        pid_b = tl.program_id(0).to(tl.int64)
-        offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
-        offs_i = tl.arange(0, IP)
-        h_ok = offs_h < H
-        i_ok = offs_i < I
-        ih_ok = i_ok[:, None] & h_ok[None, :]
-        ih = offs_i[:, None] * H + offs_h[None, :]
+        pid_b, offs_h, offs_i, h_ok, i_ok, ih_ok, ih = _program_tile(I, H, IP, BH)
         G = tl.load(gmt_ptr + pid_b * I * H + ih, mask=ih_ok, other=0.0)   # ∂L/∂M_t, t = T-1 first
         Wt = tl.load(wt_ptr + ih, mask=ih_ok, other=0.0)
         eta = tl.load(eta_ptr)
