@@ -214,7 +214,9 @@ def write_report() -> None:
     for group, title in (("main", "Goal 1: defaults, dt = 100, M kept across 10-trial episodes"),
                          ("long", "Goal 2: dt = 10 (long trials)"), ("cores", "Cores"),
                          ("other", "Goal 3: other NeuroGym tasks, same defaults (% of ideal only "
-                                   "where a ceiling is known)")):
+                                   "where a ceiling is known)"),
+                         ("diagnostic", "Diagnostics: runs outside the goals' settings that test "
+                                        "an explanation (recorded with `record --group diagnostic`)")):
         sel = [r for r in rows if r["group"] == group]
         if not sel:
             continue
