@@ -319,7 +319,8 @@ def _plot(rows) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid", choices=["main", "cores", "ablations", "long", "other", "report", "record"])
-    ap.add_argument("--group", help="record: the group a hand-made run belongs to (e.g. long)")
+    ap.add_argument("--group", help="record: the group a hand-made run belongs to (e.g. long; "
+                    "diagnostic: a run outside the goals' settings that tests an explanation)")
     ap.add_argument("--dirs", nargs="+", default=[], help="record: experiment folders of hand-made runs")
     ap.add_argument("--label", default="defaults", help="record: the variant label")
     ap.add_argument("--tasks", nargs="+", default=TASKS)
