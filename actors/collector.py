@@ -1,7 +1,7 @@
 """Trial collection: K NeuroGym envs stepped in lockstep with one batched numpy Q-network call.
 
 NeuroGym envs never terminate; the stream of trials is ours to cut into episodes.  The
-alignment rules (measured, see ``shared/neurogym-notes.md``):
+alignment rules (measured on NeuroGym 2.3.1):
 
 * ``env.unwrapped.gt_now`` read *before* ``step(a_t)`` is the answer ``a_t`` is scored against;
   it is ``gt[t_ind]`` of the trial's ground-truth array ``env.unwrapped.gt``, which NeuroGym
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.networks import NetSpec, NumpyPolicy
-from common.tasks import make_env
+from common.tasks import TrialOutcome, make_env
 from common.trial import Trial
 
 
@@ -76,10 +76,8 @@ class TrialCollector:
         env_seeds = [derive_seed(seed, actor_id, k) for k in range(num_envs)]
         self.envs = [make_env(env_name, dt, seed=s) for s in env_seeds]
         self.units = [e.unwrapped for e in self.envs]
-        u0 = self.units[0]
-        self.correct_reward = float(u0.rewards.get("correct", 1.0)) if hasattr(u0, "rewards") else 1.0
-        abort = u0.rewards.get("abort") if hasattr(u0, "rewards") else None
-        self.abort_reward = float(abort) if abort is not None and abort < 0 else None
+        self.outcome = TrialOutcome(env_name, self.units[0])
+        self.abort_reward = self.outcome.abort_reward
         # the penalty as the float32 rewards hold it, as a Python float (for list.count)
         self._abort32 = float(np.float32(self.abort_reward)) if self.abort_reward is not None else None
         O = spec.obs_dim
@@ -102,6 +100,7 @@ class TrialCollector:
         # ground truth of the trial in progress is captured when that trial starts.
         self.cur_gt = [_ground_truth(u) for u in self.units]
         self.cur_gt_seq = [u.gt for u in self.units]       # the trial's per-step answers
+        self.cur_resp = [self.outcome.response_start(u) for u in self.units]
         self._rand_block = 512                            # exploration draws, a block at a time
         self._rand_i = self._rand_block
         self.trial_start_state = np.zeros_like(self.state)
@@ -113,6 +112,7 @@ class TrialCollector:
         self.ep_steps = [0] * num_envs
         self.ep_correct = [0] * num_envs
         self.ep_fix = [0] * num_envs
+        self.ep_premature = [0] * num_envs
         # Burn-in: ring of the last N observations and of the states before each of them.
         if self.burn_in > 0:
             self.ring_obs = np.zeros((num_envs, self.burn_in, O), np.float32)
@@ -216,6 +216,8 @@ class TrialCollector:
         gt_seq = self.cur_gt_seq[k]
         self.cur_gt[k] = _ground_truth(u)                          # the trial that starts now
         self.cur_gt_seq[k] = u.gt
+        resp = self.cur_resp[k]
+        self.cur_resp[k] = self.outcome.response_start(u)
         self.trial_start_state[k] = self.state[k]                   # next trial starts from here
         if self.discarding[k]:
             # The spoiled first trial after reset(): drop it and start the first episode fresh.
@@ -231,11 +233,8 @@ class TrialCollector:
         if gt.shape[0] != T:
             raise RuntimeError(f"{type(u).__name__}: a trial of {T} steps has only "
                                f"{gt.shape[0]} ground-truth entries")
-        # Correct: the final reward is the task's "correct" reward, or the answer due at the last
-        # step was "fixate" (a withhold trial, e.g. GoNogo's no-go: NeuroGym rewards it 0) and the
-        # agent fixated.
-        correct = final_reward >= self.correct_reward - 1e-6 or (
-            gt[-1] == 0 and actions[-1] == 0 and final_reward >= 0)
+        correct = self.outcome.correct(actions, rewards, gt, ground_truth)
+        premature = bool(actions[:resp].any())
         rl = rewards.tolist()
         fix = rl.count(self._abort32) if self.abort_reward is not None else 0
         trial_end = np.zeros(T, bool)
@@ -243,6 +242,7 @@ class TrialCollector:
         trial = Trial(
             obs=self.buf_obs[rows, k].copy(), actions=actions, rewards=rewards, gt=gt, trial_end=trial_end,
             init_state=start_state, ground_truth=ground_truth, correct=bool(correct), fix_breaks=fix,
+            premature=premature,
             episode_id=self.episode_id[k], actor_id=self.actor_id, env_id=k,
             trial_index=self.trial_in_episode[k], weights_version=self.weights_version)
         if self.burn_in > 0:
@@ -258,6 +258,7 @@ class TrialCollector:
         self.ep_steps[k] += T
         self.ep_correct[k] += bool(correct)
         self.ep_fix[k] += fix
+        self.ep_premature[k] += premature
         return trial
 
     def _maybe_end_episode(self, k: int) -> EpisodeStats | None:
@@ -280,6 +281,7 @@ class TrialCollector:
         self.ep_steps[k] = 0
         self.ep_correct[k] = 0
         self.ep_fix[k] = 0
+        self.ep_premature[k] = 0
         if self.burn_in > 0:
             self.ring_n[k] = 0
             self.prev_burnin[k] = None

@@ -43,11 +43,13 @@ def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials:
     correct = np.array([t.correct for t in trials])
     reward = np.array([t.total_reward for t in trials])
     breaks = np.array([t.fix_breaks > 0 for t in trials])
+    premature = np.array([t.premature for t in trials])
     acc = float(correct.mean())
     out = {
         "env_name": env_name, "dt": dt, "episodes": episodes, "trials": len(trials),
         "accuracy": acc, "accuracy_stderr": float(np.sqrt(acc * (1 - acc) / len(trials))),
         "reward_per_trial": float(reward.mean()), "fix_break_rate": float(breaks.mean()),
+        "premature_rate": float(premature.mean()),
         "ideal_accuracy": ideal_accuracy(env_name, dt), "pct_ideal": pct_of_ideal(acc, env_name, dt),
         "mean_trial_len": float(np.mean([t.length for t in trials])),
     }

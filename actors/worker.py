@@ -165,6 +165,6 @@ class ActorWorker:
 
 
 def _trial_summaries(trials) -> list:
-    """[correct, length, fix_breaks>0, weights_version, reward] per trial."""
-    return [[int(t.correct), t.length, int(t.fix_breaks > 0), t.weights_version, t.total_reward]
-            for t in trials]
+    """[correct, length, fix_breaks>0, weights_version, reward, premature] per trial."""
+    return [[int(t.correct), t.length, int(t.fix_breaks > 0), t.weights_version, t.total_reward,
+             int(t.premature)] for t in trials]

@@ -182,7 +182,9 @@ class TrainConfig(ConfigBase):
 
     # --- task ---
     env_name: str = opt("ContextDecisionMaking-v0", "NeuroGym task name (any registered task)")
-    dt: int = opt(100, "NeuroGym time step in ms (100: 14-40 steps per trial; 10: 145-465)", low=1)
+    dt: Optional[int] = opt(
+        None, "NeuroGym time step in ms; default: the task's own registered dt (e.g. 100 for "
+        "PerceptualDecisionMaking, 10 for PulseDecisionMaking, 80 for ReadySetGo)", low=1)
     num_episodes: int = opt(
         10_000, "episodes to train for (summed over all envs and actors); the seed's 1000 is too "
         "few to reach the ideal observer's accuracy (about 4 minutes on 2 cores)", low=1)
@@ -328,6 +330,12 @@ class TrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dt is None:
+            from common.tasks import TaskError, UnknownTaskError, native_dt
+            try:
+                self.dt = native_dt(self.env_name)
+            except (TaskError, UnknownTaskError) as exc:
+                raise ConfigError(str(exc)) from None
         if self.epsilon_end > self.epsilon_start:
             raise ConfigError(f"--epsilon-end ({self.epsilon_end}) must not exceed "
                               f"--epsilon-start ({self.epsilon_start})")

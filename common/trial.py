@@ -5,7 +5,7 @@ A trial of T steps holds, for t = 0..T-1 (step t is the agent's t-th action of t
     obs[t]        float32 [T, O]  the observation the network saw before acting at step t
     actions[t]    int64   [T]     the action taken
     rewards[t]    float32 [T]     the reward of that action (the ending step's reward belongs
-                                  to this trial, see neurogym-notes)
+                                  to this trial: NeuroGym reports the end on that step)
     gt[t]         int64   [T]     env.unwrapped.gt_now read before step t (the step's answer)
     trial_end[t]  bool    [T]     True only at t = T-1 (kept explicit so the codec can check it)
 
@@ -14,9 +14,11 @@ held *before* step 0 — the state it acted from — and, for burn-in replay, ``
 float32 [N, O] (the last N observations of the preceding trial of the same episode, N may be
 0) with ``burnin_state`` [S], the state before the first of them.
 
-Metadata: ``ground_truth`` (the trial's answer), ``correct`` (the final reward was the task's
-"correct" reward), ``fix_breaks`` (steps penalised for breaking fixation), episode and actor
-ids, ``trial_index`` within the episode, and ``weights_version`` of the policy that acted.
+Metadata: ``ground_truth`` (the trial's answer), ``correct`` (scored by
+:class:`common.tasks.TrialOutcome`), ``fix_breaks`` (steps penalised for breaking fixation),
+episode and actor ids, ``trial_index`` within the episode, and ``weights_version`` of the
+policy that acted.  ``premature`` (a non-fixate action before the response window) is known
+where the trial was collected and is not sent to the replay server.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Trial:
     ground_truth: int = 0
     correct: bool = False
     fix_breaks: int = 0
+    premature: bool = False
     episode_id: int = 0
     actor_id: int = 0
     env_id: int = 0

@@ -146,10 +146,10 @@ def cmd_train(ns) -> int:
 
 def _preflight(cfg: TrainConfig) -> None:
     """Checks that need the outside world (task registry, GPU) — before anything is written."""
-    from common.tasks import UnknownTaskError, check_task_name
+    from common.tasks import TaskError, UnknownTaskError, check_task
     try:
-        check_task_name(cfg.env_name)
-    except UnknownTaskError as exc:
+        check_task(cfg.env_name, cfg.dt)
+    except (TaskError, UnknownTaskError) as exc:
         raise UsageError(f"train-neurogym: {exc}") from exc
     from learner.learner import DeviceError, resolve_device
     try:

@@ -41,6 +41,8 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
         ("% of ideal", f"{res['pct_ideal']:.1f}%" if res["pct_ideal"] is not None else "-"),
         ("reward per trial", f"{res['reward_per_trial']:.3f}"),
         ("fixation-break rate", f"{res['fix_break_rate']:.3f}"),
+        ("premature responses", f"{res['premature_rate']:.3f} of trials (an answer before the "
+                                "response window)"),
         ("mean trial length", f"{res['mean_trial_len']:.1f} steps"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -34,7 +34,8 @@ def _eval_line(ev: dict) -> str:
     return (f"{ev['trials']} trials: accuracy {ev['accuracy']:.3f} ± {ev['accuracy_stderr']:.3f}"
             + (f" ({pct:.1f}% of ideal {ev['ideal_accuracy']:.3f})" if pct is not None
                else " (no known ideal-observer ceiling)")
-            + f", fixation breaks {ev['fix_break_rate']:.2f} of trials")
+            + f", fixation breaks {ev['fix_break_rate']:.2f} of trials"
+            + f", premature responses {ev['premature_rate']:.2f}")
 
 
 VALIDATION_SEED_OFFSET = 500_000   # validation envs: seeds apart from training and test envs

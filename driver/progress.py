@@ -48,6 +48,7 @@ class ReportWindow:
     trials: int = 0
     trial_steps: int = 0
     fix_break_trials: int = 0
+    premature_trials: int = 0
     ep_rewards: list = field(default_factory=list)
     ep_lengths: list = field(default_factory=list)
     losses: list = field(default_factory=list)
@@ -59,12 +60,14 @@ class ReportWindow:
     staleness: list = field(default_factory=list)
 
     def add_trials(self, trials, current_version: int | None = None) -> None:
-        self.add_trial_summaries([[t.correct, t.length, t.fix_breaks > 0, t.weights_version, 0.0]
-                                  for t in trials], current_version)
+        self.add_trial_summaries([[t.correct, t.length, t.fix_breaks > 0, t.weights_version, 0.0,
+                                   t.premature] for t in trials], current_version)
 
     def add_trial_summaries(self, rows, current_version: int | None = None) -> None:
-        """Rows ``[correct, length, fix_break, weights_version, reward]`` (actor summaries)."""
-        for correct, length, brk, version, reward in rows:
+        """Rows ``[correct, length, fix_break, weights_version, reward, premature]`` (actor
+        summaries)."""
+        for correct, length, brk, version, reward, premature in rows:
+            self.premature_trials += int(premature)
             self.correct += int(correct)
             self.trials += 1
             self.trial_steps += int(length)
@@ -102,6 +105,7 @@ def make_record(win: ReportWindow, c: Counters, *, env_name: str, dt: int, epsil
         "reward": _mean(win.ep_rewards), "episode_len": _mean(win.ep_lengths),
         "accuracy": acc, "pct_ideal": pct_of_ideal(acc, env_name, dt),
         "fix_break_rate": (win.fix_break_trials / win.trials) if win.trials else None,
+        "premature_rate": (win.premature_trials / win.trials) if win.trials else None,
         "loss": _mean(win.losses), "q_mean": _mean(win.q_means), "td_abs": _mean(win.td_abs),
         "q_max": max(win.q_maxs) if win.q_maxs else None,
         "reward_per_trial": (win.trial_reward / win.trials) if win.trials else None,
@@ -131,6 +135,7 @@ def progress_line(rec: dict, num_episodes: int) -> str:
             f"ε: {rec['epsilon']:.3f} | Trials: {rec['trials']:>6} | "
             f"Acc: {_fmt(rec['accuracy'], '.3f', '    -')} ({_fmt(pct, '5.1f', '  -')}% ideal) | "
             f"FixBrk: {_fmt(rec['fix_break_rate'], '.2f', '  -')} | "
+            f"Early: {_fmt(rec.get('premature_rate'), '.2f', '  -')} | "
             f"{rec['env_steps_per_s']:7.0f} env st/s | {rec['updates_per_s']:5.1f} upd/s | "
             f"lag: {_fmt(rec['policy_lag'], '.1f', '-')}")
 

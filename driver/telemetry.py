@@ -55,6 +55,8 @@ SERIES: dict[str, tuple[str, str, str]] = {
     "reward_per_trial": ("actors/reward_per_trial", "actor", "mean reward per trial"),
     "reward": ("actors/episode_reward", "actor", "mean reward per episode"),
     "fix_break_rate": ("actors/fix_break_rate", "actor", "fraction of trials with a fixation break"),
+    "premature_rate": ("actors/premature_rate", "actor",
+                       "fraction of trials with an answer before the response window"),
     "epsilon": ("actors/epsilon", "actor", "exploration epsilon (schedule)"),
     "env_steps_per_s": ("actors/env_steps_per_s", "actor", "environment steps per second"),
     "policy_lag": ("actors/policy_lag", "actor", "weights versions between acting and training"),

@@ -23,6 +23,7 @@ ROWS = [
     ("reward / trial", "reward_per_trial", ".3f"),
     ("episode reward", "reward", ".2f"),
     ("fixation breaks", "fix_break_rate", ".2f"),
+    ("premature responses", "premature_rate", ".2f"),
     ("loss", "loss", ".4f"),
     ("Q mean", "q_mean", ".3f"),
     ("Q max", "q_max", ".3f"),

@@ -303,3 +303,12 @@ def test_a_file_that_is_not_a_checkpoint_exits_2_with_one_line(trained, tmp_path
     assert rc == 2
     msg = _one_line(capsys.readouterr().err)
     assert str(other) in msg and "\x1b" not in msg
+
+
+def test_a_dt_the_task_cannot_run_at_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    from driver.cli import main
+    rc = main(["train-neurogym", "--env-name", "ToneDetection-v0", "--dt", "100",
+               "--experiments-dir", str(tmp_path / "exps")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "its own dt is 50 ms" in err
+    assert not (tmp_path / "exps").exists()

@@ -46,3 +46,84 @@ def test_percent_of_ideal_only_where_a_ceiling_above_chance_is_known():
     assert pct_of_ideal(0.448, "PerceptualDecisionMaking-v0", 100) == pytest.approx(50.0)
     assert pct_of_ideal(0.5, "DelayMatchCategory-v0", 100) is None      # the ceiling is chance
     assert pct_of_ideal(0.9, "GoNogo-v0", 100) is None                  # no ceiling known
+
+
+# --- native timing, refusals and trial outcomes -------------------------------------------
+
+from common.tasks import TaskError, TrialOutcome, check_task, native_dt  # noqa: E402
+
+
+def test_native_dt_is_the_tasks_own_and_the_config_defaults_to_it():
+    from common.config import TrainConfig
+    assert native_dt("PulseDecisionMaking-v0") == 10
+    assert native_dt("ReadySetGo-v0") == 80
+    assert native_dt("ToneDetection-v0") == 50
+    assert TrainConfig(env_name="PulseDecisionMaking-v0").dt == 10
+    assert TrainConfig(env_name="PulseDecisionMaking-v0", dt=20).dt == 20
+
+
+@pytest.mark.parametrize("env_name,dt,words", [
+    ("ToneDetection-v0", 100, "its own dt is 50 ms"),
+    ("PulseDecisionMaking-v0", 100, "cue0"),
+    ("ReadySetGo-v0", 100, "use --dt 80 or less"),
+    ("Null-v0", 100, "not a trial-based task"),
+    ("Bandit-v0", 100, "asks for no answer"),
+])
+def test_tasks_that_cannot_be_trained_as_asked_are_refused_with_a_reason(env_name, dt, words):
+    with pytest.raises(TaskError, match=words):
+        check_task(env_name, dt)
+
+
+def test_every_task_runs_at_its_own_dt():
+    for name in ("PulseDecisionMaking-v0", "ToneDetection-v0", "MotorTiming-v0", "GoNogo-v0"):
+        check_task(name, native_dt(name))
+
+
+def _scripted_accuracy(env_name: str, policy: str, trials: int = 120, seed: int = 1):
+    """Accuracy and premature-response rate of a scripted policy scored by TrialOutcome."""
+    env = make_env(env_name, native_dt(env_name), seed=seed)
+    u = env.unwrapped
+    env.reset(seed=seed)
+    outcome = TrialOutcome(env_name, u)
+    rng = np.random.default_rng(seed)
+    acts, rews, scores, early, first = [], [], [], [], True
+    gt_seq, truth, resp = u.gt, u.trial.get("ground_truth", -1), outcome.response_start(u)
+    while len(scores) < trials:
+        g = int(u.gt_now)
+        a = {"oracle": g, "fixate": 0, "press": 1, "random": int(rng.integers(env.action_space.n))}[policy]
+        _, r, _, _, info = env.step(a)
+        acts.append(a)
+        rews.append(r)
+        if info["new_trial"]:
+            if not first:
+                A, R = np.array(acts), np.array(rews)
+                scores.append(outcome.correct(A, R, np.asarray(gt_seq)[:len(A)], truth))
+                early.append(bool(A[:resp].any()))
+            first = False
+            acts, rews = [], []
+            gt_seq, truth, resp = u.gt, u.trial.get("ground_truth", -1), outcome.response_start(u)
+    env.close()
+    return float(np.mean(scores)), float(np.mean(early))
+
+
+@pytest.mark.parametrize("env_name", ["ReadySetGo-v0", "MotorTiming-v0", "GoNogo-v0",
+                                      "DelayPairedAssociation-v0", "DelayMatchSampleDistractor1D-v0",
+                                      "PerceptualDecisionMaking-v0", "HierarchicalReasoning-v0"])
+def test_the_oracle_is_always_correct_and_fixating_is_not_on_tasks_that_need_an_answer(env_name):
+    """The definition of correct is right for a task when the ground-truth oracle scores 1.0;
+    on timing tasks an agent that never presses must score 0 (an earlier rule that counted a
+    fixate at a trial's last step as a withhold scored it 1.0 on MotorTiming and 0.65 on
+    DelayMatchSampleDistractor1D, whose every trial holds a match)."""
+    acc, early = _scripted_accuracy(env_name, "oracle")
+    assert acc == 1.0
+    assert early == 0.0
+    fixate, _ = _scripted_accuracy(env_name, "fixate")
+    if env_name in ("GoNogo-v0", "DelayPairedAssociation-v0"):
+        assert 0.2 < fixate < 0.8            # withholding is right on the no-go / non-match trials
+    else:
+        assert fixate == 0.0
+
+
+def test_pressing_through_the_trial_counts_as_premature():
+    _, early = _scripted_accuracy("PerceptualDecisionMaking-v0", "press")
+    assert early == 1.0
