@@ -5,6 +5,7 @@ import numpy as np
 
 from actors.collector import TrialCollector
 from common.networks import NetSpec
+from common.ceiling import ceiling_for, pct_of_ceiling
 from common.tasks import ideal_accuracy, pct_of_ideal
 
 EVAL_SEED_OFFSET = 1_000_000   # eval envs never share seeds with training envs
@@ -53,6 +54,9 @@ def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials:
         "ideal_accuracy": ideal_accuracy(env_name, dt), "pct_ideal": pct_of_ideal(acc, env_name, dt),
         "mean_trial_len": float(np.mean([t.length for t in trials])),
     }
+    ceil = ceiling_for(env_name, dt)
+    out.update(ceiling=ceil["ceiling"], ceiling_source=ceil["ceiling_source"],
+               pct_ceiling=pct_of_ceiling(acc, ceil), best_trivial=ceil["best_trivial"])
     if keep_trials:
         out["_trials"] = trials
     return out

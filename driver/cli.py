@@ -102,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", type=float, default=30.0,
                    help="seconds to wait for the driver's answer (default: 30)")
 
+    g = sub.add_parser("ceiling", allow_abbrev=False,
+                       help="what a perfect and a trivial agent score on a task",
+                       description="Run scripted policies on a task and print their accuracy "
+                       "with standard errors: random actions, the ground-truth oracle, always "
+                       "fixating, and fixating then always giving the most frequent answer; "
+                       "beside them the observation-only ideal observer where one is known. The "
+                       "ceiling is the ideal observer, else the oracle; an agent must beat the "
+                       "best trivial policy to have learned anything.")
+    g.add_argument("--env-name", required=True, help="NeuroGym task name")
+    g.add_argument("--dt", type=int, default=None,
+                   help="time step in ms (default: the task's own registered dt)")
+    g.add_argument("--trials", type=int, default=2000,
+                   help="trials per policy (default: 2000; stderr ~0.011 at accuracy 0.5)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the envs and the random policy "
+                   "(default: 0)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
     w = sub.add_parser("watch", allow_abbrev=False, help="live terminal view of a run",
                        description="Refreshing view of a run from its experiment directory: latest "
                        "values and trends (sparklines over the last records) of accuracy, loss, Q, "
@@ -135,6 +152,10 @@ def cmd_train(ns) -> int:
     exp.create(cfg, overwrite=cfg.overwrite)
     print(f"Experiment: {exp.dir}  (task {cfg.env_name}, dt {cfg.dt}, core {cfg.core}, "
           f"{'single process' if cfg.num_actors == 0 else f'{cfg.num_actors} Ray actors'})", flush=True)
+    from common.ceiling import ceiling_for
+    ceil = ceiling_for(cfg.env_name, cfg.dt)          # measured once per task and dt, cached
+    print(f"Ceiling: {ceil['ceiling']:.3f} ({ceil['ceiling_source']}); best trivial policy "
+          f"({ceil['best_trivial']['policy']}) {ceil['best_trivial']['accuracy']:.3f}", flush=True)
     if cfg.num_actors == 0:
         from driver.local import train_local
         train_local(cfg, exp)
@@ -221,6 +242,40 @@ def cmd_scale(ns) -> int:
     return 0
 
 
+def cmd_ceiling(ns) -> int:
+    _positive("--trials", ns.trials, allow_none=False)
+    _positive("--dt", ns.dt)
+    if ns.seed < 0:
+        raise UsageError(f"ceiling: --seed must be >= 0, got {ns.seed}")
+    from common.tasks import TaskError, UnknownTaskError, check_task, native_dt
+    try:
+        dt = ns.dt if ns.dt is not None else native_dt(ns.env_name)
+        check_task(ns.env_name, dt)
+    except (TaskError, UnknownTaskError) as exc:
+        raise UsageError(f"ceiling: {exc}") from exc
+    from common.ceiling import ceiling_for, learnable
+    res = ceiling_for(ns.env_name, dt, ns.trials, ns.seed)
+    if ns.json:
+        import json
+        print(json.dumps(res, sort_keys=True))
+        return 0
+    print(f"{ns.env_name} at dt {dt} ms, {ns.trials} trials per policy")
+    names = {"random": "random actions", "oracle": "ground-truth oracle", "fixate": "always fixate",
+             "frequent": f"most frequent answer ({res['frequent_answer']})"}
+    for p, label in names.items():
+        r = res[p]
+        print(f"  {label:<28} {r['accuracy']:.3f} ± {r['stderr']:.3f}")
+    ideal = res["ideal"]
+    print(f"  {'ideal observer':<28} " + (f"{ideal['accuracy']:.3f}" if ideal else
+                                           "none known for this task and dt"))
+    bt = res["best_trivial"]
+    print(f"Ceiling: {res['ceiling']:.3f} ({res['ceiling_source']}); best trivial policy: "
+          f"{names[bt['policy']]} {bt['accuracy']:.3f}"
+          + ("  -- the ceiling does not rise above it: nothing can be learned as registered"
+             if not learnable(res) else ""))
+    return 0
+
+
 def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
@@ -230,7 +285,7 @@ def cmd_watch(ns) -> int:
 
 
 COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume,
-            "scale": cmd_scale, "watch": cmd_watch}
+            "scale": cmd_scale, "watch": cmd_watch, "ceiling": cmd_ceiling}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,11 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
         ("accuracy", f"{res['accuracy']:.3f} ± {res['accuracy_stderr']:.3f}"),
         ("ideal observer", f"{ideal:.3f}" if ideal is not None else "unknown for this task/dt"),
         ("% of ideal", f"{res['pct_ideal']:.1f}%" if res["pct_ideal"] is not None else "-"),
+        ("ceiling", f"{res['ceiling']:.3f} ({res['ceiling_source']})"),
+        ("% of ceiling", f"{res['pct_ceiling']:.1f}%" if res["pct_ceiling"] is not None
+         else "- (the ceiling is not above the best trivial policy)"),
+        ("best trivial policy", f"{res['best_trivial']['accuracy']:.3f} "
+                                f"({res['best_trivial']['policy']})"),
         ("reward per trial", f"{res['reward_per_trial']:.3f}"),
         ("fixation-break rate", f"{res['fix_break_rate']:.3f}"),
         ("premature responses", f"{res['premature_rate']:.3f} of trials (an answer before the "

@@ -30,10 +30,11 @@ STALENESS_EVERY_UPDATES = 250   # R2D2 staleness of the replayed state, on 8 tri
 
 
 def _eval_line(ev: dict) -> str:
-    pct = ev["pct_ideal"]
+    pct = ev["pct_ceiling"]
     return (f"{ev['trials']} trials: accuracy {ev['accuracy']:.3f} ± {ev['accuracy_stderr']:.3f}"
-            + (f" ({pct:.1f}% of ideal {ev['ideal_accuracy']:.3f})" if pct is not None
-               else " (no known ideal-observer ceiling)")
+            + (f" ({pct:.1f}% of the ceiling {ev['ceiling']:.3f}, {ev['ceiling_source']})"
+               if pct is not None else " (the ceiling is not above the best trivial policy)")
+            + f", best trivial policy {ev['best_trivial']['accuracy']:.3f}"
             + f", fixation breaks {ev['fix_break_rate']:.2f} of trials"
             + f", premature responses {ev['premature_rate']:.2f}")
 

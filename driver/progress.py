@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.ceiling import ceiling_for, pct_of_ceiling
 from common.tasks import pct_of_ideal
 
 
@@ -104,6 +105,8 @@ def make_record(win: ReportWindow, c: Counters, *, env_name: str, dt: int, epsil
         "episode": c.episodes, "env_steps": c.env_steps, "trials": c.trials,
         "reward": _mean(win.ep_rewards), "episode_len": _mean(win.ep_lengths),
         "accuracy": acc, "pct_ideal": pct_of_ideal(acc, env_name, dt),
+        "pct_ceiling": pct_of_ceiling(acc, ceiling_for(env_name, dt)),
+        "best_trivial_accuracy": ceiling_for(env_name, dt)["best_trivial"]["accuracy"],
         "fix_break_rate": (win.fix_break_trials / win.trials) if win.trials else None,
         "premature_rate": (win.premature_trials / win.trials) if win.trials else None,
         "loss": _mean(win.losses), "q_mean": _mean(win.q_means), "td_abs": _mean(win.td_abs),
@@ -129,11 +132,12 @@ def _fmt(v, spec: str, none: str = "   -") -> str:
 def progress_line(rec: dict, num_episodes: int) -> str:
     """The seed's line, extended: ``Ep 100/1000 | Reward | Len | Loss | ε | Trials | Acc ...``."""
     width = len(str(num_episodes))
-    pct = rec.get("pct_ideal")
+    pct = rec.get("pct_ceiling")
     return (f"Ep {rec['episode']:>{width}}/{num_episodes} | Reward: {_fmt(rec['reward'], '7.2f')} | "
             f"Len: {_fmt(rec['episode_len'], '5.0f')} | Loss: {_fmt(rec['loss'], '.4f', '     -')} | "
             f"ε: {rec['epsilon']:.3f} | Trials: {rec['trials']:>6} | "
-            f"Acc: {_fmt(rec['accuracy'], '.3f', '    -')} ({_fmt(pct, '5.1f', '  -')}% ideal) | "
+            f"Acc: {_fmt(rec['accuracy'], '.3f', '    -')} ({_fmt(pct, '5.1f', '  -')}% ceil, trivial "
+            f"{_fmt(rec.get('best_trivial_accuracy'), '.2f', '-')}) | "
             f"FixBrk: {_fmt(rec['fix_break_rate'], '.2f', '  -')} | "
             f"Early: {_fmt(rec.get('premature_rate'), '.2f', '  -')} | "
             f"{rec['env_steps_per_s']:7.0f} env st/s | {rec['updates_per_s']:5.1f} upd/s | "

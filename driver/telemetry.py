@@ -52,6 +52,8 @@ SERIES: dict[str, tuple[str, str, str]] = {
     "learner_idle_frac": ("learner/idle_frac", "learner", "fraction of time the learner waited"),
     "accuracy": ("actors/accuracy", "actor", "fraction of trials answered correctly"),
     "pct_ideal": ("actors/pct_of_ideal", "actor", "accuracy as % of the ideal observer"),
+    "pct_ceiling": ("actors/pct_of_ceiling", "actor",
+                    "accuracy as % of the ceiling (ideal observer, else oracle)"),
     "reward_per_trial": ("actors/reward_per_trial", "actor", "mean reward per trial"),
     "reward": ("actors/episode_reward", "actor", "mean reward per episode"),
     "fix_break_rate": ("actors/fix_break_rate", "actor", "fraction of trials with a fixation break"),

@@ -19,7 +19,8 @@ TREND_LEN = 40
 # (label, record key, format)
 ROWS = [
     ("accuracy", "accuracy", ".3f"),
-    ("% of ideal", "pct_ideal", ".1f"),
+    ("% of ceiling", "pct_ceiling", ".1f"),
+    ("best trivial policy", "best_trivial_accuracy", ".3f"),
     ("reward / trial", "reward_per_trial", ".3f"),
     ("episode reward", "reward", ".2f"),
     ("fixation breaks", "fix_break_rate", ".2f"),

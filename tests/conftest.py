@@ -8,6 +8,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# ceilings measured by the tests are cached in the test session's own folder, never in ~/.cache
+if "MPN_DQN_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["MPN_DQN_CACHE_DIR"] = tempfile.mkdtemp(prefix="mpn-dqn-test-cache-")
 
 
 @pytest.fixture(scope="session")

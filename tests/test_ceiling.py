@@ -1,0 +1,53 @@
+"""The ceiling command: scripted policies on real NeuroGym envs, scored like the agent."""
+import json
+
+import pytest
+
+from common.ceiling import ceiling_for, learnable, pct_of_ceiling, run_policy
+from driver.cli import main
+
+
+def test_ceiling_json_reports_every_policy_and_uses_the_ideal_observer_where_known(capsys):
+    rc = main(["ceiling", "--env-name", "PerceptualDecisionMaking-v0", "--trials", "300", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    res = json.loads(out[0])
+    for key in ("env_name", "dt", "trials", "random", "oracle", "ideal", "ceiling"):
+        assert key in res
+    assert res["dt"] == 100                         # the task's own dt
+    assert res["oracle"]["accuracy"] == 1.0         # noise-free rules: the oracle is always right
+    assert res["ceiling_source"] == "ideal observer" and res["ceiling"] == pytest.approx(0.896)
+    assert res["fixate"]["accuracy"] == 0.0
+    assert 0.4 < res["frequent"]["accuracy"] < 0.6   # two answers, equally often due
+    assert res["random"]["accuracy"] < 0.45          # random actions mostly break the 1-step window
+
+
+def test_where_no_ideal_observer_is_known_the_oracle_is_the_ceiling_and_withholding_counts():
+    res = ceiling_for("GoNogo-v0", 100, trials=300)
+    assert res["ideal"] is None and res["ceiling_source"] == "oracle" and res["ceiling"] == 1.0
+    assert res["best_trivial"]["policy"] in ("fixate", "frequent")
+    assert 0.4 < res["best_trivial"]["accuracy"] < 0.6
+    assert pct_of_ceiling(0.42, res) == pytest.approx(42.0)
+
+
+def test_a_task_whose_ceiling_is_chance_gets_no_percentage(capsys):
+    res = ceiling_for("DelayMatchCategory-v0", 100, trials=300)
+    assert not learnable(res) and pct_of_ceiling(0.5, res) is None
+    rc = main(["ceiling", "--env-name", "DelayMatchCategory-v0", "--trials", "300"])
+    assert rc == 0 and "nothing can be learned" in capsys.readouterr().out
+
+
+def test_timing_tasks_reward_only_a_produced_interval():
+    assert run_policy("ReadySetGo-v0", 80, "oracle", 100)["accuracy"] == 1.0
+    assert run_policy("ReadySetGo-v0", 80, "fixate", 100)["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--env-name", "PerceptualDecisionMaking-v0", "--trials", "0"], "--trials must be >= 1"),
+    (["--env-name", "ToneDetection-v0", "--dt", "100"], "its own dt is 50 ms"),
+    (["--env-name", "Null-v0"], "not a trial-based task"),
+])
+def test_ceiling_misuse_is_one_line_and_exit_2(argv, words, capsys):
+    rc = main(["ceiling", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and words in err and "\n" not in err
