@@ -50,7 +50,7 @@ def test_percent_of_ideal_only_where_a_ceiling_above_chance_is_known():
 
 # --- native timing, refusals and trial outcomes -------------------------------------------
 
-from common.tasks import TaskError, TrialOutcome, check_task, native_dt  # noqa: E402
+from common.tasks import TaskError, check_task, native_dt  # noqa: E402
 
 
 def test_native_dt_is_the_tasks_own_and_the_config_defaults_to_it():
@@ -81,29 +81,9 @@ def test_every_task_runs_at_its_own_dt():
 
 def _scripted_accuracy(env_name: str, policy: str, trials: int = 120, seed: int = 1):
     """Accuracy and premature-response rate of a scripted policy scored by TrialOutcome."""
-    env = make_env(env_name, native_dt(env_name), seed=seed)
-    u = env.unwrapped
-    env.reset(seed=seed)
-    outcome = TrialOutcome(env_name, u)
-    rng = np.random.default_rng(seed)
-    acts, rews, scores, early, first = [], [], [], [], True
-    gt_seq, truth, resp = u.gt, u.trial.get("ground_truth", -1), outcome.response_start(u)
-    while len(scores) < trials:
-        g = int(u.gt_now)
-        a = {"oracle": g, "fixate": 0, "press": 1, "random": int(rng.integers(env.action_space.n))}[policy]
-        _, r, _, _, info = env.step(a)
-        acts.append(a)
-        rews.append(r)
-        if info["new_trial"]:
-            if not first:
-                A, R = np.array(acts), np.array(rews)
-                scores.append(outcome.correct(A, R, np.asarray(gt_seq)[:len(A)], truth))
-                early.append(bool(A[:resp].any()))
-            first = False
-            acts, rews = [], []
-            gt_seq, truth, resp = u.gt, u.trial.get("ground_truth", -1), outcome.response_start(u)
-    env.close()
-    return float(np.mean(scores)), float(np.mean(early))
+    from common.ceiling import run_policy
+    res = run_policy(env_name, native_dt(env_name), policy, trials, seed=seed)
+    return res["accuracy"], res["premature_rate"]
 
 
 @pytest.mark.parametrize("env_name", ["ReadySetGo-v0", "MotorTiming-v0", "GoNogo-v0",
@@ -124,6 +104,7 @@ def test_the_oracle_is_always_correct_and_fixating_is_not_on_tasks_that_need_an_
         assert fixate == 0.0
 
 
-def test_pressing_through_the_trial_counts_as_premature():
-    _, early = _scripted_accuracy("PerceptualDecisionMaking-v0", "press")
+def test_answering_through_the_stimulus_counts_as_premature():
+    """The most-frequent-answer policy answers from the end of fixation on."""
+    _, early = _scripted_accuracy("PerceptualDecisionMaking-v0", "frequent")
     assert early == 1.0
