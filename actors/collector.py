@@ -112,7 +112,6 @@ class TrialCollector:
         self.ep_steps = [0] * num_envs
         self.ep_correct = [0] * num_envs
         self.ep_fix = [0] * num_envs
-        self.ep_premature = [0] * num_envs
         # Burn-in: ring of the last N observations and of the states before each of them.
         if self.burn_in > 0:
             self.ring_obs = np.zeros((num_envs, self.burn_in, O), np.float32)
@@ -258,7 +257,6 @@ class TrialCollector:
         self.ep_steps[k] += T
         self.ep_correct[k] += bool(correct)
         self.ep_fix[k] += fix
-        self.ep_premature[k] += premature
         return trial
 
     def _maybe_end_episode(self, k: int) -> EpisodeStats | None:
@@ -281,7 +279,6 @@ class TrialCollector:
         self.ep_steps[k] = 0
         self.ep_correct[k] = 0
         self.ep_fix[k] = 0
-        self.ep_premature[k] = 0
         if self.burn_in > 0:
             self.ring_n[k] = 0
             self.prev_burnin[k] = None

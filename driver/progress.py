@@ -101,12 +101,13 @@ def make_record(win: ReportWindow, c: Counters, *, env_name: str, dt: int, epsil
                 weights_version: int, elapsed: float, rate_env: float, rate_upd: float,
                 rate_train: float, replay_size: int, num_actors: int, extra: dict | None = None) -> dict:
     acc = win.correct / win.trials if win.trials else None
+    ceil = ceiling_for(env_name, dt)
     rec = {
         "episode": c.episodes, "env_steps": c.env_steps, "trials": c.trials,
         "reward": _mean(win.ep_rewards), "episode_len": _mean(win.ep_lengths),
         "accuracy": acc, "pct_ideal": pct_of_ideal(acc, env_name, dt),
-        "pct_ceiling": pct_of_ceiling(acc, ceiling_for(env_name, dt)),
-        "best_trivial_accuracy": ceiling_for(env_name, dt)["best_trivial"]["accuracy"],
+        "pct_ceiling": pct_of_ceiling(acc, ceil),
+        "best_trivial_accuracy": ceil["best_trivial"]["accuracy"],
         "fix_break_rate": (win.fix_break_trials / win.trials) if win.trials else None,
         "premature_rate": (win.premature_trials / win.trials) if win.trials else None,
         "loss": _mean(win.losses), "q_mean": _mean(win.q_means), "td_abs": _mean(win.td_abs),
