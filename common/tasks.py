@@ -43,6 +43,17 @@ CHANCE_ACCURACY = {"PerceptualDecisionMaking-v0": 0.5, "ContextDecisionMaking-v0
                    "DelayMatchSample-v0": 0.5, "DelayComparison-v0": 0.5, "DelayMatchCategory-v0": 0.5}
 
 
+# The NeuroGym battery of the Multi-Plasticity Network paper (Aitken & Mihalas, eLife 2023), as
+# NeuroGym 2.3.1 registers it (the paper's SingleContextDecisionMaking is not registered).
+# ``python main.py sweep --battery`` trains on these.
+BATTERY = tuple(f"{name}-v0" for name in (
+    "ContextDecisionMaking DelayComparison DelayMatchCategory DelayMatchSample "
+    "DelayMatchSampleDistractor1D DelayPairedAssociation DualDelayMatchSample GoNogo "
+    "HierarchicalReasoning IntervalDiscrimination MotorTiming MultiSensoryIntegration "
+    "OneTwoThreeGo ReadySetGo PerceptualDecisionMaking "
+    "PerceptualDecisionMakingDelayResponse ProbabilisticReasoning PulseDecisionMaking").split())
+
+
 class UnknownTaskError(ValueError):
     """The task name is not a registered NeuroGym task; the message lists close matches."""
 

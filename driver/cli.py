@@ -119,6 +119,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 0)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
+    sw = sub.add_parser("sweep", allow_abbrev=False, help="a grid of trainings run as Ray Tune trials",
+                        description="Train every combination of tasks x cores x --grid values x seeds, "
+                        "each trial one full train-neurogym run with its own resources (one CPU per "
+                        "actor plus the learner's; one CPU for --num-actors 0), as many at once as the "
+                        "Ray cluster holds: the embedded local Ray (this machine's CPUs), or a cluster "
+                        "with --address. Writes <sweeps-dir>/<sweep-name>/: sweep.json, tune/ (Ray "
+                        "Tune's state), experiments/<trial>/ (each run, with train.log; eval, render, "
+                        "watch take --experiments-dir <sweeps-dir>/<sweep-name>/experiments), and "
+                        "results.json, results.md (task, core, seed, accuracy +- stderr, % of "
+                        "ceiling, fixation breaks, premature responses, time to 95 % of the ceiling, "
+                        "env steps, wall time, git commit, the full config) and learning_curves.png "
+                        "(mean over seeds with a min-max band). Run the same command again to resume "
+                        "a sweep whose driver was stopped or killed: finished trials are kept, "
+                        "interrupted ones continue from their newest checkpoint. On a multi-node "
+                        "cluster --sweeps-dir must be a path every node shares. Example: "
+                        "python main.py sweep --battery --seeds 0 1 2 --cores mpn gru --results-dir "
+                        "docs -- --time-limit-minutes 10 --num-episodes 1000000")
+    sw.add_argument("--env-name", nargs="+", default=[], metavar="TASK", help="NeuroGym tasks")
+    sw.add_argument("--battery", action="store_true",
+                    help="the 18 NeuroGym tasks of the Multi-Plasticity Network paper (common.tasks.BATTERY)")
+    sw.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="(default: 0)")
+    sw.add_argument("--cores", nargs="+", default=["mpn"], metavar="CORE",
+                    help="recurrent cores: mpn, gru, lstm (default: mpn)")
+    sw.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
+                    help="one more grid dimension: a train-neurogym option and its values, e.g. "
+                         "--grid bptt-chunk-size=20,40 or --grid learn-plasticity=true,false; repeatable")
+    sw.add_argument("--sweep-name", default=None,
+                    help="directory name under --sweeps-dir (default: a random name)")
+    sw.add_argument("--sweeps-dir", default="sweeps", help="(default: sweeps)")
+    sw.add_argument("--address", default=None,
+                    help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local Ray)")
+    sw.add_argument("--max-concurrent", type=int, default=None,
+                    help="at most this many trials at once (default: as many as the cluster holds)")
+    sw.add_argument("--results-dir", default=None,
+                    help="where results.json/.md and learning_curves.png go (default: the sweep's "
+                         "directory); rows are merged into an existing results.json there, a row "
+                         "replacing one of the same task, dt, core, seed and variant")
+    sw.add_argument("--title", default="Results", help="title of results.md (default: Results)")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="print the trials and the resources each asks for, and exit")
+    sw.add_argument("train_options", nargs="*", metavar="-- TRAIN-OPTION",
+                    help="train-neurogym options for every trial, after `--` (e.g. -- "
+                         "--time-limit-minutes 10 --num-episodes 1000000)")
+
     w = sub.add_parser("watch", allow_abbrev=False, help="live terminal view of a run",
                        description="Refreshing view of a run from its experiment directory: latest "
                        "values and trends (sparklines over the last records) of accuracy, loss, Q, "
@@ -276,6 +320,39 @@ def cmd_ceiling(ns) -> int:
     return 0
 
 
+def cmd_sweep(ns) -> int:
+    from driver.sweep import SweepError, SweepSpec, command_line, run_sweep, trial_bundles
+    if ns.battery and ns.env_name:
+        raise UsageError("sweep: give --env-name or --battery, not both")
+    from common.tasks import BATTERY
+    grid = {}
+    for g in ns.grid:
+        opt, sep, values = g.partition("=")
+        opt = opt.strip().removeprefix("--")
+        if not sep or not opt or opt in grid:
+            raise UsageError(f"sweep: --grid {g!r}: write OPTION=V1,V2 (each option once), "
+                             "e.g. --grid bptt-chunk-size=20,40")
+        grid[opt] = [v.strip() for v in values.split(",") if v.strip()]
+    try:
+        spec = SweepSpec(name=ns.sweep_name or random_experiment_name(),
+                         tasks=list(BATTERY) if ns.battery else ns.env_name, seeds=ns.seeds,
+                         cores=ns.cores, grid=grid, train_args=ns.train_options,
+                         sweeps_dir=ns.sweeps_dir, address=ns.address,
+                         max_concurrent=ns.max_concurrent, results_dir=ns.results_dir, title=ns.title)
+        if ns.dry_run:
+            for t in spec.trials:
+                cfg = t.config(str(spec.experiments_dir))
+                cpus = sum(b.get("CPU", 0) for b in trial_bundles(cfg))
+                print(f"{t.experiment_name}: dt {cfg.dt}, {cfg.num_actors} actors, {cpus:g} CPUs; "
+                      f"{t.variant}")
+            print(f"{len(spec.trials)} trials; sweep directory {spec.dir}")
+            return 0
+        out = run_sweep(spec, command=command_line(ns.argv))
+    except SweepError as exc:
+        raise UsageError(f"sweep: {exc}") from exc
+    return 0 if out["ok"] == out["trials"] else 1
+
+
 def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
@@ -285,7 +362,8 @@ def cmd_watch(ns) -> int:
 
 
 COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume,
-            "scale": cmd_scale, "watch": cmd_watch, "ceiling": cmd_ceiling}
+            "scale": cmd_scale, "watch": cmd_watch, "ceiling": cmd_ceiling,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             # gets a close match among that command's options (the top-level parser has none).
             owner = parser.command_parsers.get(getattr(ns, "command", None), parser)
             owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        ns.argv = list(sys.argv[1:] if argv is None else argv)
         if ns.command is None:
             parser.print_help()
             return EXIT_USAGE

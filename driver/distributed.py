@@ -9,7 +9,8 @@ wraps them with ``ray.remote`` and moves msgpack bytes between them:
 
 With no ``--address`` (and no RAY_ADDRESS) an embedded local Ray is started on 127.0.0.1
 and shut down at the end; otherwise the driver joins the cluster and leaves it running.
-Placement: actors use Ray's SPREAD strategy, so they are spread over the cluster's nodes; the
+Placement: actors use Ray's SPREAD strategy, so they are spread over the cluster's nodes (inside
+a ``sweep`` trial: the bundles of the trial's placement group); the
 learner asks for one GPU when the cluster has one (``--device auto``) or must (``cuda``).
 """
 from __future__ import annotations
@@ -74,8 +75,31 @@ def _learner_gpus(cfg: TrainConfig) -> float:
     return 0
 
 
+def current_placement_group():
+    """The placement group this job runs in (a ``sweep`` trial), or None."""
+    from ray.util import get_current_placement_group
+    return get_current_placement_group()
+
+
+def actor_scheduling():
+    """Where actors go: spread over the cluster's nodes, or inside a sweep trial the bundles
+    of its placement group (which reserved one CPU per actor)."""
+    pg = current_placement_group()
+    if pg is None:
+        return "SPREAD"
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    return PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+
+
 def check_capacity(num_actors: int, learner_cpus: int = 1) -> None:
     import ray
+    pg = current_placement_group()
+    if pg is not None:
+        cpus = sum(b.get("CPU", 0) for b in pg.bundle_specs)
+        if cpus < num_actors + learner_cpus:
+            raise ClusterError(f"{num_actors} actors + the learner need {num_actors + learner_cpus} CPUs "
+                               f"but this job's placement group holds {cpus:g}")
+        return
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < num_actors + learner_cpus:
         raise ClusterError(f"{num_actors} actors + the learner need {num_actors + learner_cpus} CPUs "
@@ -145,7 +169,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         """Start one more actor with the current weights and give it work."""
         i = len(self.actors)
         params_msg = self._params_msg()
-        actor = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
+        actor = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
             self.cfg_d, self.spec_d, i, max(1, self.cfg.effective_num_actors), self.replay, params_msg,
             7919 * self.counters.episodes + 104_729 * i)
         self.actors.append(actor)

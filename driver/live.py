@@ -179,9 +179,16 @@ class LiveControlMixin:
             reason = f"num_actors must be a whole number >= 1, got {n!r}"
         elif n > before:
             need = n - before
+            from driver.distributed import current_placement_group
+            pg = current_placement_group()
+            if pg is not None:
+                slots = sum(1 for b in pg.bundle_specs if b.get("CPU", 0) >= 1) - 1   # minus the learner's
+                if n > slots:
+                    reason = (f"this run is a sweep trial whose placement group holds {slots} actor(s); "
+                              "it cannot grow")
             free = ray.available_resources().get("CPU", 0.0)
             total = ray.cluster_resources().get("CPU", 0.0)
-            if free < need:
+            if reason is None and pg is None and free < need:
                 reason = (f"{need} more actor(s) need {need} CPU(s) but the cluster has "
                           f"{free:g} free of {total:g}; add nodes or ask for fewer")
         if reason is not None:

@@ -218,7 +218,8 @@ class RecoveryMixin:
         self.actor_restarts += 1
         inc = self.incarnation[i] = self.incarnation.get(i, 0) + 1
         params_msg = self._params_msg()
-        self.actors[i] = self.actor_cls.options(scheduling_strategy="SPREAD").remote(
+        from driver.distributed import actor_scheduling
+        self.actors[i] = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
             self.cfg_d, self.spec_d, i,
             max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)), self.replay, params_msg,
             7919 * self.counters.episodes + 104_729 * i + 15_485_863 * inc)

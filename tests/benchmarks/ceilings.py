@@ -15,13 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from common.ceiling import learnable, measure  # noqa: E402
-from common.tasks import native_dt  # noqa: E402
+from common.tasks import BATTERY, native_dt  # noqa: E402
 
-BATTERY = ("ContextDecisionMaking DelayComparison DelayMatchCategory DelayMatchSample "
-           "DelayMatchSampleDistractor1D DelayPairedAssociation DualDelayMatchSample GoNogo "
-           "HierarchicalReasoning IntervalDiscrimination MotorTiming MultiSensoryIntegration "
-           "OneTwoThreeGo ReadySetGo PerceptualDecisionMaking "
-           "PerceptualDecisionMakingDelayResponse ProbabilisticReasoning PulseDecisionMaking").split()
 
 
 def main() -> None:
@@ -41,8 +36,8 @@ def main() -> None:
     print("| task | dt (ms) | random | oracle | always fixate | most frequent answer | ideal "
           "observer | ceiling | learnable as registered |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in BATTERY:
-        env = f"{name}-v0"
+    for env in BATTERY:
+        name = env.removesuffix("-v0")
         r = measure(env, native_dt(env), args.trials, args.seed)
 
         def cell(p):

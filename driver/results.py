@@ -1,0 +1,272 @@
+"""Results of many trainings: one row per finished experiment, merged into a table.
+
+A row is read from an experiment directory (``config.json``, ``summary.json``,
+``metrics.jsonl``) and holds what a results table needs: the task, core, seed and the options
+that made the run differ from the defaults (its *variant*), the greedy accuracy of the model the
+run hands over (``selected_model.pt`` on the test seeds) with its standard error, % of the
+task's ceiling, the best trivial policy, fixation breaks and premature responses, the time
+and env steps to 95 % of the ceiling (first metrics record whose training-trial accuracy
+reaches it), env steps, wall time, the git commit, the full config and the learning curve.
+
+``results.json`` holds rows; ``write_report`` merges new rows into it (a row replaces an older
+one of the same task, dt, core, seed and variant) and writes ``results.md`` and
+``learning_curves.png`` (mean over seeds with a min-max band) from everything it holds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+ROW_KEY = ("task", "dt", "core", "seed", "variant")
+PCT_GOAL = 95.0
+
+
+def git_commit(root: str | os.PathLike | None = None) -> str:
+    """Short commit of the code that runs, ``+dirty`` when the tree has uncommitted changes."""
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue                  # a line cut by a kill: the rest is still good
+    return out
+
+
+def time_to_pct(records: list[dict], ceiling: float | None, pct: float = PCT_GOAL) -> dict:
+    """Wall time and env steps of the first record whose accuracy reaches ``pct`` % of ``ceiling``."""
+    if not ceiling:
+        return {"time_to_95_s": None, "env_steps_to_95": None}
+    for r in records:
+        acc = r.get("accuracy")
+        if acc is not None and acc >= pct / 100.0 * ceiling:
+            return {"time_to_95_s": r.get("wall_time"), "env_steps_to_95": r.get("env_steps")}
+    return {"time_to_95_s": None, "env_steps_to_95": None}
+
+
+def row_from_experiment(exp_dir: str | os.PathLike, *, variant: str = "defaults", commit: str | None = None,
+                        extra: dict | None = None) -> dict:
+    """One results row from a finished (or failed) experiment directory."""
+    exp_dir = Path(exp_dir)
+    cfg = json.loads((exp_dir / "config.json").read_text())
+    row = {"task": cfg["env_name"], "dt": cfg["dt"], "core": cfg["core"], "seed": cfg["seed"],
+           "variant": variant, "experiment": str(exp_dir), "commit": commit or git_commit(),
+           "measured_at": time.strftime("%Y-%m-%d %H:%M"), "config": cfg}
+    row.update(extra or {})
+    summary_path = exp_dir / "summary.json"
+    if not summary_path.exists():
+        row["status"] = "no summary.json (the run did not finish)"
+        return row
+    summary = json.loads(summary_path.read_text())
+    ev = summary.get("selected_model", {}).get("eval") or summary.get("final_eval")
+    row.update(episodes=summary.get("episodes"), env_steps=summary.get("env_steps"),
+               updates=summary.get("updates"), wall_s=summary.get("wall_time_s"),
+               interrupted=summary.get("interrupted", False),
+               selected_model=summary.get("selected_model", {}).get("checkpoint"))
+    if not ev:
+        row["status"] = "no evaluation (--eval-trials 0 or the run was interrupted)"
+        return row
+    acc = ev["accuracy"]
+    n = ev["trials"]
+    row.update(status="ok", accuracy=acc,
+               accuracy_stderr=ev.get("accuracy_stderr", math.sqrt(acc * (1 - acc) / max(n, 1))),
+               eval_trials=n, ceiling=ev.get("ceiling"), ceiling_source=ev.get("ceiling_source"),
+               pct_ceiling=ev.get("pct_ceiling"),
+               best_trivial=(ev.get("best_trivial") or {}).get("accuracy"),
+               best_trivial_policy=(ev.get("best_trivial") or {}).get("policy"),
+               fix_break_rate=ev.get("fix_break_rate"), premature_rate=ev.get("premature_rate"),
+               final_model_accuracy=(summary.get("final_eval") or {}).get("accuracy"))
+    records = _read_jsonl(exp_dir / "metrics.jsonl")
+    row.update(time_to_pct(records, row["ceiling"] if row["pct_ceiling"] is not None else None))
+    row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in records
+                    if r.get("accuracy") is not None]
+    return row
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+def load_rows(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is not a results file (a JSON object with a 'rows' list)")
+    return data["rows"]
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with every row of ``new`` replacing the row of the same key (or appended)."""
+    index = {tuple(r.get(k) for k in ROW_KEY): i for i, r in enumerate(old)}
+    out = list(old)
+    for r in new:
+        k = tuple(r.get(k) for k in ROW_KEY)
+        if k in index:
+            out[index[k]] = r
+        else:
+            index[k] = len(out)
+            out.append(r)
+    return out
+
+
+def _fmt(x, spec=".3f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (task, dt, core, variant): statistics over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["dt"], r["core"], r["variant"]), []).append(r)
+    out = []
+    for (task, dt, core, variant), rs in sorted(groups.items()):
+        ok = [r for r in rs if r.get("status") == "ok"]
+        accs = [r["accuracy"] for r in ok]
+        pcts = [r["pct_ceiling"] for r in ok if r.get("pct_ceiling") is not None]
+        t95 = [r["time_to_95_s"] for r in ok if r.get("time_to_95_s") is not None]
+
+        def mean(key):
+            xs = [r[key] for r in ok if r.get(key) is not None]
+            return statistics.fmean(xs) if xs else None
+        out.append({
+            "task": task, "dt": dt, "core": core, "variant": variant,
+            "seeds": sorted(r["seed"] for r in ok), "failed": len(rs) - len(ok),
+            "accuracy": statistics.fmean(accs) if accs else None,
+            "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
+            "pct_ceiling": statistics.fmean(pcts) if pcts else None,
+            "pct_ceiling_min": min(pcts) if pcts else None,
+            "ceiling": ok[0].get("ceiling") if ok else None,
+            "learnable": bool(pcts) or not ok,
+            "best_trivial": mean("best_trivial"), "fix_break_rate": mean("fix_break_rate"),
+            "premature_rate": mean("premature_rate"),
+            "time_to_95_s": statistics.median(t95) if t95 else None, "reached_95": len(t95),
+            "env_steps": mean("env_steps"), "wall_s": mean("wall_s"),
+            "commits": sorted({r.get("commit", "unknown") for r in rs}),
+        })
+    return out
+
+
+def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = ()) -> str:
+    lines = [f"# {title}", ""]
+    lines += ["Each row is one task, core and variant (options beyond the defaults) over the seeds "
+              "listed. Accuracy is that of the model each run hands over (`selected_model.pt`) on "
+              f"{_eval_trials(rows)} greedy test trials, mean ± standard deviation over seeds; % of "
+              "ceiling is against the ideal observer where one is known, else the ground-truth "
+              "oracle (`python main.py ceiling`), and is blank where the ceiling does not beat the best "
+              "trivial policy. Time to 95 % is the median over the seeds that reached it of the wall "
+              "time at which the training-trial accuracy (with exploration) first reached 95 % of the "
+              "ceiling. Fixation breaks and premature responses are fractions of test trials.", ""]
+    if commands:
+        lines += ["Produced by:", ""] + [f"    {c}" for c in commands] + [""]
+    lines += ["| task | dt | core | variant | seeds | accuracy | % of ceiling (mean, min) | ceiling | "
+              "best trivial | fix breaks | premature | time to 95 % (s) | env steps | wall (s) | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summarize(rows):
+        acc = "failed" if s["accuracy"] is None else (
+            _fmt(s["accuracy"]) + (f" ± {s['accuracy_sd']:.3f}" if s["accuracy_sd"] is not None else ""))
+        pct = ("not learnable as registered" if not s["learnable"] else
+               "-" if s["pct_ceiling"] is None else f"{s['pct_ceiling']:.1f} %, {s['pct_ceiling_min']:.1f} %")
+        t95 = (f"{s['time_to_95_s']:.0f} ({s['reached_95']}/{len(s['seeds'])})"
+               if s["time_to_95_s"] is not None else f"- (0/{len(s['seeds'])})")
+        seeds = " ".join(map(str, s["seeds"])) + (f" (+{s['failed']} failed)" if s["failed"] else "")
+        lines.append(f"| {s['task'].removesuffix('-v0')} | {s['dt']} | {s['core']} | {s['variant']} | {seeds} | "
+                     f"{acc} | {pct} | {_fmt(s['ceiling'])} | {_fmt(s['best_trivial'])} | "
+                     f"{_fmt(s['fix_break_rate'], '.2f')} | {_fmt(s['premature_rate'], '.2f')} | {t95} | "
+                     f"{_fmt(s['env_steps'], '.3g')} | {_fmt(s['wall_s'], '.0f')} | {' '.join(s['commits'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _eval_trials(rows: list[dict]) -> str:
+    ns = sorted({r["eval_trials"] for r in rows if r.get("eval_trials")})
+    return "/".join(map(str, ns)) if ns else "the"
+
+
+def plot_curves(rows: list[dict], path: str | os.PathLike) -> Path | None:
+    """Training-trial accuracy against wall time per task: mean over seeds, min-max band, per
+    core and variant; the ceiling and 95 % of it dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    ok = [r for r in rows if r.get("status") == "ok" and len(r.get("curve") or []) > 1]
+    tasks = sorted({(r["task"], r["dt"]) for r in ok})
+    if not tasks:
+        return None
+    ncol = min(4, len(tasks))
+    nrow = math.ceil(len(tasks) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, (task, dt) in zip(axes.flat, tasks):
+        sel = [r for r in ok if (r["task"], r["dt"]) == (task, dt)]
+        for label in sorted({(r["core"], r.get("grid", r["variant"])) for r in sel}):
+            rs = [r for r in sel if (r["core"], r.get("grid", r["variant"])) == label]
+            grid = np.linspace(min(r["curve"][0][0] for r in rs), max(r["curve"][-1][0] for r in rs), 100)
+            ys = np.array([np.interp(grid, [p[0] for p in r["curve"]], [p[2] for p in r["curve"]],
+                                     left=np.nan, right=np.nan) for r in rs])   # each seed over its span
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")     # points no seed covers stay empty
+                mean, lo, hi = np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+            name = label[0] + ("" if label[1] in ("defaults", "") else f" {label[1]}") + f" (n={len(rs)})"
+            line, = ax.plot(grid, mean, lw=1.2, label=name)
+            if len(rs) > 1:
+                ax.fill_between(grid, lo, hi, alpha=0.2,
+                                color=line.get_color())
+        ceil = sel[0].get("ceiling")
+        if ceil:
+            ax.axhline(ceil, color="g", ls="--", lw=0.8)
+            ax.axhline(0.95 * ceil, color="g", ls=":", lw=0.8)
+        if sel[0].get("best_trivial") is not None:
+            ax.axhline(sel[0]["best_trivial"], color="gray", ls=":", lw=0.8)
+        ax.set_title(f"{task.removesuffix('-v0')} (dt {dt})", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("wall time (s)", fontsize=8)
+        ax.set_ylabel("training-trial accuracy", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # long legends: tight_layout may not fit them
+        fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_report(results_dir: str | os.PathLike, new_rows: list[dict], *, title: str = "Results",
+                 command: str | None = None) -> dict:
+    """Merge ``new_rows`` into ``results_dir/results.json``; write results.md and the plot."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "results.json"
+    old = load_rows(path)
+    commands = json.loads(path.read_text()).get("commands", []) if path.exists() else []
+    if command and command not in commands:
+        commands.append(command)
+    rows = merge_rows(old, new_rows)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
+    (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands))
+    plot = plot_curves(rows, results_dir / "learning_curves.png")
+    return {"results_json": str(path), "results_md": str(results_dir / "results.md"),
+            "plot": str(plot) if plot else None, "rows": len(rows)}
