@@ -314,7 +314,9 @@ def _trial_resources(config: dict):
     return tune.PlacementGroupFactory(bundles, strategy="SPREAD")
 
 
-def _progress_callback(total: int, log):
+def _progress_callback(total: int, log, report=None):
+    """``report(trial_dict)``: called as each trial ends, so that the results table grows while
+    the sweep runs (a sweep cut short still leaves the rows of its finished trials)."""
     from ray import tune
 
     def ended(trials, trial) -> int:
@@ -335,10 +337,14 @@ def _progress_callback(total: int, log):
                 + (f"accuracy {acc:.3f}" if acc is not None else r.get("status", "no result"))
                 + (f" ({pct:.1f} % of ceiling)" if pct is not None else "")
                 + (f" in {r['wall_s']:.0f} s" if r.get("wall_s") is not None else ""))
+            if report is not None:
+                report(trial.config["trial"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log(f"[sweep] {ended(trials, trial)}/{total} FAILED: {_trial_name(trial)} (see its train.log and "
-                f"{trial.path or 'the Tune trial directory'})")
+                f"{getattr(trial, 'path', None) or 'the Tune trial directory'})")
+            if report is not None:
+                report(trial.config["trial"])
     return Progress()
 
 
@@ -382,13 +388,35 @@ def prepare(spec: SweepSpec) -> None:
             raise SweepError(f"--results-dir: {exc}; choose another directory") from exc
 
 
+class _Reporter:
+    """Results rows of a sweep's trials, merged into the report as each trial ends."""
+
+    def __init__(self, spec: SweepSpec, commit: str, command: str | None):
+        self.experiments_dir, self.report_dir = spec.experiments_dir, spec.report_dir
+        self.name, self.title, self.commit, self.command = spec.name, spec.title, commit, command
+
+    def row(self, t: Trial) -> dict | None:
+        from driver.results import row_from_experiment
+        exp_dir = self.experiments_dir / t.experiment_name
+        if not (exp_dir / "config.json").exists():
+            return None
+        return row_from_experiment(exp_dir, variant=t.variant, commit=self.commit,
+                                   extra={"sweep": self.name, "grid": " ".join(t.grid_args)})
+
+    def __call__(self, trial: dict) -> None:
+        from driver.results import write_report
+        row = self.row(Trial.from_dict(trial))
+        if row is not None:
+            write_report(self.report_dir, [row], title=self.title, command=self.command)
+
+
 def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict:
     """Run (or resume) the sweep; returns what was written and the trial counts."""
     import ray
     from ray import tune
     from common.ceiling import ceiling_for
     from driver.distributed import init_ray
-    from driver.results import git_commit, row_from_experiment, write_report
+    from driver.results import git_commit, write_report
     prepare(spec)
     trials = spec.trials
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")    # Tune's console tables off: one line per trial
@@ -413,6 +441,7 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
             c = ceiling_for(env_name, dt)         # measured once per task and dt, cached
             log(f"Ceiling of {env_name} at dt {dt}: {c['ceiling']:.3f} ({c['ceiling_source']}); "
                 f"best trivial {c['best_trivial']['accuracy']:.3f}")
+        report = _Reporter(spec, commit, command)
         base = {"experiments_dir": str(spec.experiments_dir), "commit": commit, "cluster_gpus": gpus,
                 "auto_actors": auto,
                 "cache_dir": os.environ.get("MPN_DQN_CACHE_DIR")}
@@ -436,18 +465,13 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
                                             trial_name_creator=_trial_name,
                                             trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(name="tune", storage_path=str(spec.dir), verbose=0,
-                                          callbacks=[_progress_callback(len(trials), log)],
+                                          callbacks=[_progress_callback(len(trials), log, report)],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         tuner.fit()
     finally:
         if started:
             ray.shutdown()
-    rows = []
-    for t in trials:
-        exp_dir = spec.experiments_dir / t.experiment_name
-        if (exp_dir / "config.json").exists():
-            rows.append(row_from_experiment(exp_dir, variant=t.variant, commit=commit,
-                                            extra={"sweep": spec.name, "grid": " ".join(t.grid_args)}))
+    rows = [r for r in (report.row(t) for t in trials) if r is not None]
     ok = sum(r.get("status") == "ok" for r in rows)
     out = write_report(spec.report_dir, rows, title=spec.title, command=command)
     log(f"Sweep {spec.name}: {ok} of {len(trials)} trials finished with an evaluation; "

@@ -6,7 +6,9 @@
   contents, trials or learner progress; a count the cluster cannot place is refused;
   Prometheus metrics registered; TensorBoard scalars of the distributed runtime;
 * a real two-node cluster on 127.0.0.1 from deploy/local_cluster.sh, a training submitted
-  with `ray job submit`, actors on both nodes, and `stop` stopping only that cluster.
+  with `ray job submit`, actors on both nodes, and `stop` stopping only that cluster;
+* a `sweep` on that cluster (`--address`): a trial's placement group spreads its actors over
+  both nodes.
 """
 import json
 import os
@@ -277,7 +279,7 @@ def _script(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loopback_cluster():
     state = tempfile.mkdtemp(prefix="mpnc", dir="/tmp")        # short: Ray's socket paths
     env = _cluster_env(state)
@@ -328,3 +330,22 @@ def test_job_submit_to_a_two_node_loopback_cluster(loopback_cluster, ray_session
     assert hb["status"] == "finished" and hb["runtime"] == "ray"
     # the test session's own Ray is another instance, untouched by the cluster (and its stop)
     assert ray_session.get(ray_session.put(7)) == 7
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_on_the_two_node_loopback_cluster(loopback_cluster, tmp_path):
+    state, env, client = loopback_cluster
+    cmd = [sys.executable, "main.py", "sweep", "--env-name", PDM, "--seeds", "0", "--address", f"127.0.0.1:{GCS}",
+           "--sweeps-dir", str(tmp_path), "--sweep-name", "c", "--", "--num-actors", "2", "--envs-per-actor", "4",
+           "--num-episodes", "24", "--hidden-dim", "16", "--trial-batch-size", "8", "--learning-starts", "16",
+           "--print-freq", "8", "--eval-trials", "20"]
+    p = subprocess.run(cmd, cwd=ROOT, env=client, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    assert "on 3 CPUs" in p.stdout and "1/1 done" in p.stdout, p.stdout
+    exp = Experiment(tmp_path / "c" / "experiments", "PerceptualDecisionMaking-mpn-s0")
+    recs = exp.read_metrics()
+    assert recs and recs[-1]["updates"] > 0 and recs[-1]["num_nodes"] == 2
+    assert len({n for r in recs for n in r["actor_nodes"] if n}) == 2        # the bundles spread
+    rows = json.loads((tmp_path / "c" / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"]
