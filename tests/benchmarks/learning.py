@@ -1,9 +1,11 @@
-"""Learning results: runs the real CLI over a grid and writes docs/results.md + docs/learning_curves.png.
+"""The evidence behind the defaults: runs the real CLI over ablation grids and writes
+docs/defaults-evidence.md + docs/defaults-evidence.png (the results table itself comes from
+``python main.py sweep``).
 
 Every run is ``python main.py train-neurogym --env-name T [--dt D] [ablation options]`` with the
 project's defaults otherwise; its accuracy is the greedy evaluation the run ends with
 (``summary.json`` → ``final_eval``, ``--eval-trials`` trials, default 1000 here), reported as a
-fraction of the ideal-observer ceiling.  Results accumulate in ``docs/results.jsonl`` (one line
+fraction of the ideal-observer ceiling.  Results accumulate in ``docs/defaults-evidence.jsonl`` (one line
 per run), so the grid can be run in pieces and the report rebuilt from everything measured.
 
     python tests/benchmarks/learning.py main --seeds 0 1 2          # goal 1: 3 tasks x 3 seeds, defaults
@@ -11,7 +13,7 @@ per run), so the grid can be run in pieces and the report rebuilt from everythin
     python tests/benchmarks/learning.py ablations --tasks DelayMatchSample-v0 --seeds 0   # 40000 trials each
     python tests/benchmarks/learning.py long --tasks PerceptualDecisionMaking-v0   # goal 2: dt 10
     python tests/benchmarks/learning.py other --tasks GoNogo-v0 DelayComparison-v0 --seeds 0
-    python tests/benchmarks/learning.py report                      # rebuild docs/ from results.jsonl
+    python tests/benchmarks/learning.py report                      # rebuild docs/defaults-evidence.md
     python tests/benchmarks/learning.py record --group long --label "..." --dirs experiments/NAME  # a hand-made run
 
 Last line: one JSON object summarising what this invocation ran.
@@ -33,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 from common.tasks import ideal_accuracy, pct_of_ideal  # noqa: E402
 
 TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchSample-v0"]
-RESULTS = ROOT / "docs" / "results.jsonl"
+RESULTS = ROOT / "docs" / "defaults-evidence.jsonl"
 # Which defaults a row was measured with.  The report's main tables use only rows of the current
-# defaults; rows of earlier defaults stay in results.jsonl and are listed as superseded.
+# defaults; rows of earlier defaults stay in defaults-evidence.jsonl and are listed as superseded.
 DEFAULTS = ("5: --n-step-cut non-greedy, task-time TD weighting, η/λ learned per 100 ms, "
             "M's time constant ≤ 3 s (a clamp on λ), η ≥ 0.1 per 100 ms (a clamp)")
 EARLIER_DEFAULTS = "1: plain n-step returns, uniform TD weighting, η/λ learned per step"
@@ -202,11 +204,11 @@ def write_report() -> None:
     for r in rows:          # carried-over rows say so (a display label only: not written back)
         if r["defaults"] != DEFAULTS:
             r["label"] += f" [version {r['defaults'][0]}, η never near the floor]"
-    lines = ["# Learning results", "",
+    lines = ["# Evidence behind the defaults", "",
              "Greedy accuracy at the end of training (evaluation trials as listed), as a fraction of the",
              "ideal-observer ceiling. Produced by `python tests/benchmarks/learning.py` on a 2-core CPU",
              "machine; every row is a real run of `python main.py train-neurogym` with the defaults plus the",
-             "options shown. Mean over runs (seeds as listed in results.jsonl), spread = max - min. Accuracy is that of the model the run",
+             "options shown. Mean over runs (seeds as listed in defaults-evidence.jsonl), spread = max - min. Accuracy is that of the model the run",
              "hands over (`selected_model.pt`: the final model or best_model.pt, whichever was better on",
              "separate validation seeds) on the test seeds; the last two columns test both candidates",
              "(best_model.pt is chosen during training by the training accuracy, with exploration).", "",
@@ -277,7 +279,7 @@ def write_report() -> None:
             lines.append(f"| {' | '.join(map(str, key))} | {n} | "
                          + (f"{m:.3f} | {pct} |" if m is not None else "failed | |"))
         lines.append("")
-    out = ROOT / "docs" / "results.md"
+    out = ROOT / "docs" / "defaults-evidence.md"
     out.write_text("\n".join(lines) + "\n")
     _plot(rows)
     print(f"wrote {out}")
@@ -312,7 +314,7 @@ def _plot(rows) -> None:
             ax.set_title(f"{task} dt={dt}", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "learning_curves.png", dpi=80)
+    fig.savefig(ROOT / "docs" / "defaults-evidence.png", dpi=80)
     plt.close(fig)
 
 
