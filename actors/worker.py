@@ -38,6 +38,7 @@ class ActorWorker:
         self.cfg = TrainConfig.from_dict(cfg)
         self.spec = NetSpec(**spec)
         self.actor_id, self.num_actors = actor_id, num_actors
+        self.rank = actor_id                     # position in the ε spread (see run_chunk)
         self.replay = replay
         params, version = decode_params(params_msg)
         c = self.cfg
@@ -117,11 +118,14 @@ class ActorWorker:
                 self.acked[epoch] = self.acked.get(epoch, 0) + res["accepted"]
             self.pending.pop(0)
 
-    def run_chunk(self, global_env_steps: int, weights: list | None = None, seconds: float = 0.25) -> bytes:
+    def run_chunk(self, global_env_steps: int, weights: list | None = None, seconds: float = 0.25,
+                  spread: tuple[int, int] | None = None) -> bytes:
         """Act for about ``seconds``; ship completed trials; return a msgpack summary.
 
         ``weights``: ``[version, [ref]]`` of the newest published weights, or None.  The ref is
-        fetched only when its version is newer than the one acting.
+        fetched only when its version is newer than the one acting.  ``spread``: (rank, count)
+        of this actor among the job's active actors, for the ε spread (given by the driver on
+        every call, so it follows ``scale``).
         """
         import ray
         if weights is not None and int(weights[0]) > self.collector.weights_version:
@@ -132,7 +136,9 @@ class ActorWorker:
                 pass        # the learner that published them died; the driver sends newer ones
         c = self.cfg
         base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps)
-        self.collector.epsilon = actor_epsilon(base, self.actor_id, self.num_actors)
+        if spread is not None:
+            self.rank, self.num_actors = int(spread[0]), int(spread[1])
+        self.collector.epsilon = actor_epsilon(base, self.rank, self.num_actors)
         t_end = time.time() + seconds
         cpu0 = time.process_time()
         summaries, episodes = [], []

@@ -193,6 +193,11 @@ def cmd_train(ns) -> int:
     cfg.experiment_name = name
     cfg.num_actors = cfg.effective_num_actors        # "auto" resolved and recorded in config.json
     exp = Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
+    with exp.lock():                # a live run of the same name (e.g. under --overwrite): exit 2
+        return _train_new(cfg, exp)
+
+
+def _train_new(cfg: TrainConfig, exp) -> int:
     exp.create(cfg, overwrite=cfg.overwrite)
     print(f"Experiment: {exp.dir}  (task {cfg.env_name}, dt {cfg.dt}, core {cfg.core}, "
           f"{'single process' if cfg.num_actors == 0 else f'{cfg.num_actors} Ray actors'})", flush=True)
@@ -258,7 +263,8 @@ def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
     from driver.commands import run_resume
-    run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
+    with exp.lock():                # the run is still live: exit 2, nothing touched
+        run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
     return 0
 
 

@@ -106,6 +106,14 @@ def check_capacity(num_actors: int, learner_cpus: int = 1) -> None:
                            f"but the Ray cluster has {cpus:g}; use fewer --num-actors or add nodes")
 
 
+def epsilon_spread(actors: list, draining) -> dict[int, tuple[int, int]]:
+    """(rank, count) of each active actor (not None, not draining) for the Ape-X ε spread:
+    ranks 0..n-1 over the actors that run now, so that after ``scale`` the n actors span the
+    whole spread again."""
+    active = [i for i, a in enumerate(actors) if a is not None and i not in draining]
+    return {i: (r, len(active)) for r, i in enumerate(active)}
+
+
 def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = None,
                       target_episodes: int | None = None, log=print) -> dict:
     import ray
@@ -174,7 +182,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
             7919 * self.counters.episodes + 104_729 * i)
         self.actors.append(actor)
         self.actor_versions.append(self.weights[0])
-        self.inflight[actor.run_chunk.remote(self.counters.env_steps, self.weights)] = i
+        self._submit(i)
 
     def stop_roles(self) -> None:
         import ray
@@ -292,7 +300,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
                     if summary is None:
                         continue
                     self._on_chunk(i, summary)
-                    self.inflight[self.actors[i].run_chunk.remote(c.env_steps, self.weights)] = i
+                    self._submit(i)
                 self._tick()                     # replay snapshot due? (and test fault hooks)
                 self._live_tick()                # scale requests (control.json), heartbeat
                 now = time.time()

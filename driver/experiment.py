@@ -6,6 +6,7 @@ of tensors and numbers, loaded with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +25,10 @@ from replay.snapshot import write_atomic
 
 class ExperimentError(ValueError):
     """The experiment directory is missing, already exists, or holds an unreadable file."""
+
+
+class ExperimentBusy(ExperimentError):
+    """Another live process trains this experiment."""
 
 
 class CheckpointError(ExperimentError):
@@ -70,6 +76,39 @@ class Experiment:
             shutil.rmtree(self.dir)
         self.checkpoint_dir.mkdir(parents=True)
         cfg.save(str(self.config_path))
+
+    @contextlib.contextmanager
+    def lock(self, wait_s: float = 0.0):
+        """Claim the experiment while the block runs: one driver per experiment.
+
+        An exclusive ``flock`` on ``<root>/.<name>.lock`` (beside the directory, so that
+        ``--overwrite`` deleting the directory cannot drop it).  The kernel releases it when the
+        process ends, however it ends (SIGKILL included), so a dead driver never leaves a stale
+        lock.  Raises :class:`ExperimentBusy`, naming the holder, if another process holds it."""
+        import fcntl
+        import socket
+        path = self.dir.parent / f".{self.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.time() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() < deadline:
+                        time.sleep(0.5)
+                        continue
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise ExperimentBusy(f"experiment {self.name!r} is in use by {holder}, a training "
+                                     "that is still running; wait for it to end or stop it first "
+                                     "(then `resume` continues it)")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)                 # closing the descriptor releases the lock
 
     @classmethod
     def open_existing(cls, root: str, name: str) -> "Experiment":

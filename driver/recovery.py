@@ -201,7 +201,10 @@ class RecoveryMixin:
         return summary
 
     def _submit(self, i: int) -> None:
-        self.inflight[self.actors[i].run_chunk.remote(self.counters.env_steps, self.weights)] = i
+        from driver.distributed import epsilon_spread
+        spread = epsilon_spread(self.actors, getattr(self, "_draining", {})).get(i)
+        self.inflight[self.actors[i].run_chunk.remote(self.counters.env_steps, self.weights,
+                                                      spread=spread)] = i
 
     def _replace_actor(self, i: int) -> None:
         import ray

@@ -260,32 +260,40 @@ def run_trial(config: dict) -> None:
     trial = Trial.from_dict(config["trial"])
     cfg = trial.config(config["experiments_dir"], config["auto_actors"])
     exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
-    if not _finished(exp.dir):
-        latest = exp.latest_checkpoint() if exp.config_path.exists() else None
-        if latest is None:
-            exp.create(cfg, overwrite=True)
-        log = _file_log(exp.dir / "train.log")
-        log(f"sweep trial {trial.experiment_name}: train-neurogym {shlex.join(trial.argv(cfg.experiments_dir))}")
-        run_cfg, resume_from = cfg, None
-        if latest is not None:
-            from driver.experiment import load_checkpoint
-            from driver.progress import Counters
-            done = Counters.from_dict(load_checkpoint(latest)["counters"])
-            resume_from = str(latest)
-            if cfg.time_limit_minutes:
-                left = max(0.01, cfg.time_limit_minutes - done.wall_time / 60.0)
-                run_cfg = dataclasses.replace(cfg, time_limit_minutes=left)
-            log(f"continuing from {latest.name} (episode {done.episodes}, {done.wall_time:.0f} s done)")
-        if cfg.num_actors == 0:
-            from driver.local import train_local
-            train_local(run_cfg, exp, resume_from=resume_from, log=log)
-        else:
-            from driver.distributed import train_distributed
-            train_distributed(run_cfg, exp, resume_from=resume_from, log=log)
+    # a trial of a killed sweep driver may take a moment to be ended by Ray: wait for its lock
+    with exp.lock(wait_s=60):
+        _train_trial(trial, cfg, exp)
     row = row_from_experiment(exp.dir, variant=trial.variant, commit=config.get("commit"))
     tune.report({k: row[k] for k in ("accuracy", "pct_ceiling", "fix_break_rate", "premature_rate",
                                      "time_to_95_s", "env_steps", "wall_s")
                  if isinstance(row.get(k), (int, float))} | {"status": row["status"]})
+
+
+def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
+    """Train, or continue, the trial's run unless it already ended on its own."""
+    if _finished(exp.dir):
+        return
+    latest = exp.latest_checkpoint() if exp.config_path.exists() else None
+    if latest is None:
+        exp.create(cfg, overwrite=True)
+    log = _file_log(exp.dir / "train.log")
+    log(f"sweep trial {trial.experiment_name}: train-neurogym {shlex.join(trial.argv(cfg.experiments_dir))}")
+    run_cfg, resume_from = cfg, None
+    if latest is not None:
+        from driver.experiment import load_checkpoint
+        from driver.progress import Counters
+        done = Counters.from_dict(load_checkpoint(latest)["counters"])
+        resume_from = str(latest)
+        if cfg.time_limit_minutes:             # the rest of the trial's time, not a new limit
+            left = max(0.01, cfg.time_limit_minutes - done.wall_time / 60.0)
+            run_cfg = dataclasses.replace(cfg, time_limit_minutes=left)
+        log(f"continuing from {latest.name} (episode {done.episodes}, {done.wall_time:.0f} s done)")
+    if cfg.num_actors == 0:
+        from driver.local import train_local
+        train_local(run_cfg, exp, resume_from=resume_from, log=log)
+    else:
+        from driver.distributed import train_distributed
+        train_distributed(run_cfg, exp, resume_from=resume_from, log=log)
 
 
 def _finished(exp_dir: Path) -> bool:

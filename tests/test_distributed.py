@@ -62,3 +62,16 @@ def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
     assert "2 Ray actors" in p.stdout and "Ep " in p.stdout and "Greedy evaluation" in p.stdout
     cfg = json.loads((tmp_path / "cli-ray" / "config.json").read_text())
     assert cfg["num_actors"] == 2
+
+
+def test_epsilon_spread_follows_the_active_actors_after_scale():
+    from actors.worker import actor_epsilon
+    from driver.distributed import epsilon_spread
+    one = epsilon_spread(["a"], {})
+    assert one == {0: (0, 1)}
+    four = epsilon_spread(["a", "b", "c", "d"], {})                 # scaled 1 -> 4
+    eps = [actor_epsilon(0.4, *four[i]) for i in range(4)]
+    assert eps[0] == pytest.approx(0.4) and eps[3] == pytest.approx(0.4 ** 2)
+    assert eps == sorted(eps, reverse=True) and len(set(eps)) == 4  # the whole spread, not base ε
+    # actor 1 died (None) and actor 3 is draining: the two that run span the spread
+    assert epsilon_spread(["a", None, "c", "d"], {3: {}}) == {0: (0, 2), 2: (1, 2)}

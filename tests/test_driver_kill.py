@@ -82,6 +82,11 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
         assert p.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
         assert snapshot_path(exp).exists(), "no checkpoint + snapshot within 120 s"
         sockets = _listening(_tree(p.pid))
+        # one driver per experiment: while this one lives, a second driver is refused
+        second = subprocess.run([sys.executable, "main.py", "resume", "--experiments-dir", str(tmp_path),
+                                 "--experiment-name", name], cwd=ROOT, capture_output=True, text=True,
+                                env=_env(), timeout=120)
+        assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr[-2000:]
         p.send_signal(signal.SIGKILL)                    # the fault: the driver dies
         p.wait(timeout=30)
     finally:
