@@ -207,11 +207,18 @@ def _train_new(cfg: TrainConfig, exp) -> int:
           f"({ceil['best_trivial']['policy']}) {ceil['best_trivial']['accuracy']:.3f}", flush=True)
     if cfg.num_actors == 0:
         from driver.local import train_local
-        train_local(cfg, exp)
+        summary = train_local(cfg, exp)
     else:
         from driver.distributed import train_distributed
-        train_distributed(cfg, exp)
-    return 0
+        summary = train_distributed(cfg, exp)
+    return _exit_code(summary)
+
+
+def _exit_code(summary: dict) -> int:
+    """0, or 128 + the signal's number when a signal stopped the run (after its final checkpoint)."""
+    import signal
+    name = (summary or {}).get("signal")
+    return 128 + int(signal.Signals[name]) if name else 0
 
 
 def _preflight(cfg: TrainConfig) -> None:
@@ -264,8 +271,8 @@ def cmd_resume(ns) -> int:
     exp = _open(ns)
     from driver.commands import run_resume
     with exp.lock():                # the run is still live: exit 2, nothing touched
-        run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
-    return 0
+        summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
+    return _exit_code(summary)
 
 
 def cmd_scale(ns) -> int:

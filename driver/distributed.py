@@ -285,11 +285,11 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.bar = ProgressBar(self.target_episodes, c.episodes)
         deadline = self.t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
         last_status = 0.0
-        interrupted = False
+        interrupted = None
         with Stop() as stop:
             while c.episodes < self.target_episodes:
                 if stop.requested or (deadline is not None and time.time() > deadline):
-                    interrupted = stop.requested
+                    interrupted = stop.signal_name if stop.requested else None
                     if not stop.requested:
                         self.log(f"Time limit of {cfg.time_limit_minutes} min reached.")
                     break

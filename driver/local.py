@@ -98,38 +98,51 @@ def checkpoint_payload(learner: Learner, spec: NetSpec, cfg: TrainConfig, counte
 
 
 class Stop:
-    """Ctrl-C sets a flag; the loop saves a final checkpoint and returns cleanly."""
+    """Ctrl-C (SIGINT) or SIGTERM (systemd, Kubernetes, Slurm, ``timeout``) sets a flag; the loop
+    saves a final checkpoint and a replay snapshot and returns; ``signal_name`` says which
+    signal (the CLI then exits with 128 + its number, so a script can tell)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.requested:            # second Ctrl-C: give up immediately
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nInterrupted: finishing the current step and saving a final checkpoint "
-                  "(Ctrl-C again to abort)...", flush=True)
-        try:
-            self._old = signal.signal(signal.SIGINT, handler)
-        except ValueError:                # not the main thread
-            self._old = None
+            if self.requested:            # a second signal: give up immediately
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
+            self.requested, self.signum = True, signum
+            print(f"\n{signal.Signals(signum).name}: finishing the current step and saving a final "
+                  "checkpoint (send it again to abort)...", flush=True)
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:            # not the main thread (e.g. a sweep trial): no handler
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
 def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learner, counters: Counters,
-               interrupted: bool, log=print) -> dict:
+               interrupted: str | None, log=print) -> dict:
     """Final checkpoint, greedy evaluation, summary and plots (shared by both runtimes)."""
     exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "final_model.pt")
     summary = {"env_name": cfg.env_name, "dt": cfg.dt, "episodes": counters.episodes,
                "env_steps": counters.env_steps, "trials": counters.trials, "updates": counters.updates,
-               "wall_time_s": counters.wall_time, "interrupted": interrupted}
+               "wall_time_s": counters.wall_time, "interrupted": bool(interrupted),
+               "signal": interrupted or None}
     if cfg.eval_trials > 0 and not interrupted:
         summary.update(evaluate_and_select(exp, cfg, spec, export_params(learner.online), log=log))
     exp.write_json("summary.json", summary)
@@ -177,11 +190,11 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
     trials_at_learning_start = None
     updates_at_learning_start = counters.updates
     deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
-    interrupted = False
+    interrupted = None
     with Stop() as stop:
         while counters.episodes < target_episodes:
             if stop.requested or (deadline is not None and time.time() > deadline):
-                interrupted = stop.requested
+                interrupted = stop.signal_name if stop.requested else None
                 if deadline is not None and not stop.requested:
                     log(f"Time limit of {cfg.time_limit_minutes} min reached.")
                 break

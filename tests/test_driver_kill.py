@@ -149,3 +149,41 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
     step1 = [float(s["step"]) for s in final["learner"]["optimizer"]["state"].values()]
     assert min(step1) > max(step0) > 0
     np.testing.assert_equal(final["spec"], ck["spec"])
+
+
+@pytest.mark.parametrize("actors", ["0", "1"])
+def test_sigterm_saves_a_final_checkpoint_and_exits_143(tmp_path, actors):
+    """What systemd, Kubernetes, Slurm and `timeout` send: the run stops as after Ctrl-C (final
+    checkpoint, replay snapshot, heartbeat "interrupted") and exits 128 + 15, in one process and
+    on Ray."""
+    exp = Experiment(tmp_path, "term")
+    cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", "PerceptualDecisionMaking-v0",
+           "--num-actors", actors, "--envs-per-actor", "4", "--num-episodes", "100000", "--hidden-dim", "16",
+           "--trial-batch-size", "8", "--learning-starts", "16", "--print-freq", "4", "--trials-per-episode", "4",
+           "--eval-trials", "0", "--experiments-dir", str(tmp_path), "--experiment-name", "term"]
+    log = open(tmp_path / "train.log", "w")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None and not exp.read_metrics():
+            time.sleep(0.2)
+        assert p.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)             # leftovers of its embedded Ray, if any
+        except ProcessLookupError:
+            pass
+        log.close()
+    out = (tmp_path / "train.log").read_text()
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM: finishing the current step" in out
+    assert exp.latest_checkpoint().name == "final_model.pt"
+    summary = json.loads((exp.dir / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["signal"] == "SIGTERM"
+    assert json.loads((exp.dir / "heartbeat.json").read_text())["status"] == "interrupted"
+    assert snapshot_path(exp).exists()
