@@ -11,7 +11,8 @@
   every step (the answer most often due over a sample of trials).
 
 The ceiling is the observation-only ideal observer where one is known
-(:data:`common.tasks.IDEAL_ACCURACY`), else the oracle, and the result says which.  The best
+(:data:`common.tasks.IDEAL_ACCURACY`, or the Bayes observers of noisy tasks in
+:mod:`common.ideal`), else the oracle, and the result says which.  The best
 trivial policy is the better of ``fixate`` and ``frequent``: an agent that does not beat it
 has learned nothing.  Results are cached per task, dt, trial count and seed in
 ``$MPN_DQN_CACHE_DIR/ceilings.json`` (default ``~/.cache/mpn-dqn``).
@@ -28,7 +29,7 @@ import numpy as np
 from common.tasks import TrialOutcome, ideal_accuracy, make_env
 
 POLICIES = ("random", "oracle", "fixate", "frequent")
-RULES_VERSION = 1          # bump when TrialOutcome or a policy changes: old cache rows are ignored
+RULES_VERSION = 2          # bump when TrialOutcome or a policy changes: old cache rows are ignored
 
 
 def run_policy(env_name: str, dt: int, policy: str, trials: int, seed: int = 0,
@@ -90,13 +91,20 @@ def measure(env_name: str, dt: int, trials: int = 2000, seed: int = 0) -> dict:
     answer = most_frequent_answer(env_name, dt, seed=seed)
     res = {p: run_policy(env_name, dt, p, trials, seed=seed + i, answer=answer)
            for i, p in enumerate(POLICIES)}
-    ideal = ideal_accuracy(env_name, dt)
+    known = ideal_accuracy(env_name, dt)
+    from common.ideal import has_observer, observe
+    if known is not None:
+        ideal = {"accuracy": known, "stderr": None}
+    elif has_observer(env_name):           # noisy tasks: the Bayes observer of common/ideal.py
+        ideal = observe(env_name, dt, trials, seed=seed + len(POLICIES))
+    else:
+        ideal = None
     trivial = max(("fixate", "frequent"), key=lambda p: res[p]["accuracy"])
-    ceiling = ideal if ideal is not None else res["oracle"]["accuracy"]
+    ceiling = ideal["accuracy"] if ideal is not None else res["oracle"]["accuracy"]
     return {
         "env_name": env_name, "dt": int(dt), "trials": int(trials), "seed": int(seed),
         **res, "frequent_answer": int(answer),
-        "ideal": None if ideal is None else {"accuracy": ideal, "stderr": None},
+        "ideal": ideal,
         "ceiling": ceiling, "ceiling_source": "ideal observer" if ideal is not None else "oracle",
         "best_trivial": {"policy": trivial, "accuracy": res[trivial]["accuracy"]},
     }

@@ -186,8 +186,7 @@ class TrainConfig(ConfigBase):
         None, "NeuroGym time step in ms; default: the task's own registered dt (e.g. 100 for "
         "PerceptualDecisionMaking, 10 for PulseDecisionMaking, 80 for ReadySetGo)", low=1)
     num_episodes: int = opt(
-        10_000, "episodes to train for (summed over all envs and actors); the seed's 1000 is too "
-        "few to reach the ideal observer's accuracy (about 4 minutes on 2 cores)", low=1)
+        10_000, "episodes to train for (summed over all envs and actors)", low=1)
     trials_per_episode: int = opt(
         10, "trials per episode; the recurrent state (M) persists across trials and resets only "
         "between episodes", low=1)
@@ -204,38 +203,27 @@ class TrainConfig(ConfigBase):
         "default: --eta-per-100ms scaled by dt/100, so M grows at the same rate per unit of task "
         "time at any dt")
     eta_per_100ms: float = opt(
-        0.5, "default eta expressed per 100 ms of task time (the seed's 0.1 was too small for "
-        "DelayMatchSample: chance after 4000 episodes, 0.945 with 0.5)")
+        0.5, "default eta per 100 ms of task time (the initial value when eta is learned; "
+        "--eta overrides it)")
     lambda_decay: Optional[float] = opt(
         None, "MPN decay of M per step (initial value with --learn-plasticity); default: "
         "exp(-dt / --m-timescale-ms)", low=0.0, high=1.0)
     m_timescale_ms: float = opt(
-        1950.0, "time constant of M's decay in ms of task time (1950 ms = the seed's lambda 0.95 "
-        "at dt 100, 0.9949 at dt 10)", low=0.0, low_open=True)
+        1950.0, "time constant of M's decay in ms of task time (1950 ms: lambda 0.95 at dt 100, "
+        "0.9949 at dt 10)", low=0.0, low_open=True)
     learn_plasticity: bool = opt(
-        True, "learn eta and lambda by backprop (lambda clamped to [0, lambda_max]); "
-        "--no-learn-plasticity keeps them fixed. Measured both ways: at dt 100 learning wins on "
-        "PerceptualDM and ContextDM (eta rises ~7x, M's time constant falls to 0.35-0.75 s); at dt 10 "
-        "with --bptt-chunk-size 40 fixed wins on DelayMatchSample (0.96 vs 0.87) but loses badly on "
-        "ContextDM (0.64 vs 0.82-0.86); without a floor a learned eta can collapse to ~0 early in a "
-        "dt-10 run (DelayMatchSample seed 1: chance), hence --eta-min-per-100ms (see README, Results)")
+        True, "learn eta and lambda by backprop (lambda clamped to [0, --lambda-max], eta floored "
+        "at --eta-min-per-100ms); --no-learn-plasticity keeps them fixed (evidence: docs/defaults.md)")
     lambda_max: Optional[float] = opt(
         None, "upper bound of a learnable lambda per step; default: exp(-dt / "
         "--m-timescale-max-ms) (0.967 at dt 100, 0.9967 at dt 10)", low=0.0, high=1.0)
     m_timescale_max_ms: float = opt(
-        3000.0, "longest time constant of M (ms of task time) a learnable lambda may reach "
-        "(sets --lambda-max unless that is given). Measured at dt 10 with --bptt-chunk-size 40: "
-        "with a 10 s bound learned lambda drifted to the bound in long runs and traces of earlier "
-        "trials interfered; 3000 lifted DelayMatchSample from 0.87 to 0.94 and ContextDM from 0.82 "
-        "to 0.89 (seed 0; see README, Results). A clamp: it changes nothing until lambda reaches it",
+        3000.0, "longest time constant of M in ms of task time that a learned lambda may reach "
+        "(a clamp; sets --lambda-max unless that is given)",
         low=0.0, low_open=True)
     eta_min_per_100ms: Optional[float] = opt(
-        0.1, "floor of a learnable eta per 100 ms of task time (a clamp, like lambda's bound: it "
-        "changes nothing until eta reaches it, and eta can rise off it); none: no floor. Measured "
-        "at dt 10 with --bptt-chunk-size 40 (DelayMatchSample seed 1): without it eta fell from 0.5 "
-        "to ~0 within 2 min, before M was used, and the run stayed at chance for 25 min (0.650); "
-        "with it eta sat at 0.1 until the delay memory was found (~6 min), then rose (0.934). At "
-        "dt 100 eta never came near it (>= 0.44 per 100 ms in every run)")
+        0.1, "floor of a learned eta per 100 ms of task time (a clamp: nothing changes until eta "
+        "reaches it, and eta can rise off it); none: no floor")
     input_bias: float = opt(
         1.0, "value of the constant input channel appended to every observation (lets the "
         "network read M when the observation is all zeros; 0 disables it)")
@@ -249,8 +237,7 @@ class TrainConfig(ConfigBase):
 
     # --- replay ---
     buffer_size: int = opt(500, "replay capacity in trials (FIFO)", low=1)
-    trial_batch_size: int = opt(32, "trials per learner batch (the seed's 4 wastes the learner: "
-                                "an update of 32 trials costs little more than one of 4)", low=1)
+    trial_batch_size: int = opt(32, "trials per learner batch", low=1)
     replay_init: str = opt(
         "stored", "initial recurrent state when replaying a trial: zero, the stored state the "
         "actor acted from, or burn-in over the end of the preceding trial", choices=REPLAY_INITS)
@@ -281,9 +268,7 @@ class TrainConfig(ConfigBase):
     n_step_ms: float = opt(500.0, "default n-step horizon in ms of task time", low=1.0)
     n_step_cut: str = opt("non-greedy", "where an n-step return may stop early: non-greedy (at "
                           "the first replayed action that is not the online net's greedy action, "
-                          "bootstrapping there, so exploratory steps never enter a return: needed "
-                          "at dt 10, where a 50-step return holds dozens of exploratory "
-                          "fixation breaks) or none (plain n-step returns)",
+                          "bootstrapping there) or none (plain n-step returns)",
                           choices=("none", "non-greedy"))
     td_step_weighting: str = opt(
         "task-time", "how the TD loss weighs steps: task-time (a trial's last step, its "
@@ -292,11 +277,7 @@ class TrainConfig(ConfigBase):
         choices=("task-time", "uniform"))
     bptt_chunk_size: Optional[int] = opt(
         None, "truncated BPTT chunk length in steps, counted from each trial's start (none: the "
-        "whole trial). No gradient crosses a chunk boundary, so a chunk shorter than the gap "
-        "between a cue and the answer gives no gradient for storing the cue; it also keeps "
-        "eta's gradient from seeing what M stores (hence --eta-min-per-100ms). Measured at dt 10, "
-        "ContextDM seed 1 (delay 30-263 steps): 40-step chunks 0.822, whole trials 0.870 (see "
-        "README, Results)", low=1)
+        "whole trial); no gradient crosses a chunk boundary", low=1)
     target_update: str = opt("hard", "target network update: hard copy or polyak averaging",
                              choices=TARGET_UPDATES)
     target_update_period: int = opt(250, "updates between hard target copies", low=1)
@@ -311,9 +292,8 @@ class TrainConfig(ConfigBase):
     num_actors: Optional[int] = opt(
         None, "Ray actor processes; default: one per CPU of this machine left after the learner "
         "(at least 1); 0 runs everything in one process without Ray (debugging, tests)", low=0)
-    envs_per_actor: int = opt(16, "NeuroGym envs stepped in lockstep per actor (one batched "
-                              "policy call per lockstep step: 16 envs amortise it, see "
-                              "tests/benchmarks/bench_actor.py)", low=1)
+    envs_per_actor: int = opt(16, "NeuroGym envs stepped in lockstep per actor, sharing one "
+                              "batched policy call per step", low=1)
     address: Optional[str] = opt(None, "Ray cluster address (auto or HOST:PORT); default: the "
                                  "RAY_ADDRESS variable, else an embedded local Ray")
 

@@ -1,6 +1,7 @@
 """The ceiling command: scripted policies on real NeuroGym envs, scored like the agent."""
 import json
 
+import numpy as np
 import pytest
 
 from common.ceiling import ceiling_for, learnable, pct_of_ceiling, run_policy
@@ -51,3 +52,36 @@ def test_ceiling_misuse_is_one_line_and_exit_2(argv, words, capsys):
     rc = main(["ceiling", *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and words in err and "\n" not in err
+
+
+def test_ideal_observers_of_noisy_tasks_match_their_closed_forms():
+    """PulseDecisionMaking: a tie in pulse counts is a coin flip, so the ideal observer scores
+    1 - P(tie)/2; ProbabilisticReasoning: E[max(p, 1 - p)] over the shapes shown."""
+    import itertools
+    from math import comb
+    from common.ideal import observe
+    bino = lambda k, n, p: comb(n, k) * p ** k * (1 - p) ** (n - k)   # noqa: E731
+    p_tie = sum(bino(k, 6, 0.3) * bino(k, 6, 0.7) for k in range(7))
+    r = observe("PulseDecisionMaking-v0", 10, trials=1500, seed=3)
+    assert abs(r["accuracy"] - (1 - p_tie / 2)) < 4 * r["stderr"] + 1e-3, (r, 1 - p_tie / 2)
+    w = [-10, -0.9, -0.7, -0.5, -0.3, 0.3, 0.5, 0.7, 0.9, 10]
+    exact = np.mean([max(p, 1 - p) for p in
+                     (1 / (10 ** (-sum(c)) + 1) for c in itertools.product(w, repeat=4))])
+    r = observe("ProbabilisticReasoning-v0", 100, trials=1500, seed=3)
+    assert abs(r["accuracy"] - exact) < 4 * r["stderr"] + 1e-3, (r, exact)
+
+
+def test_the_multisensory_bayes_observer_beats_summing_the_modalities():
+    """Its posterior accuracy must be at least that of answering by the sign of the summed
+    evidence of both modalities, scored on the same trials, and below the oracle's 1.0."""
+    from common.ideal import _multisensory
+    from common.tasks import make_env
+    u = make_env("MultiSensoryIntegration-v0", 100, seed=4).unwrapped
+    post, naive = [], []
+    for _ in range(1500):
+        u.new_trial()
+        post.append(_multisensory(u))
+        stim = np.asarray(u.ob)[u.start_ind["stimulus"]:u.end_ind["stimulus"]]
+        d = (stim[:, 1] - stim[:, 2]).sum() + (stim[:, 3] - stim[:, 4]).sum()
+        naive.append(float((0 if d > 0 else 1) == u.trial["ground_truth"]))
+    assert np.mean(naive) - 0.02 <= np.mean(post) < 0.97

@@ -1,0 +1,88 @@
+"""Observation-only ideal observers of noisy tasks: the best accuracy an agent can reach.
+
+Each observer sees one trial's observations (what the agent sees) and the task's rules — its
+priors and noise model, but not the trial's hidden draws — and returns the probability that its
+Bayes-optimal answer is correct.  The mean of that probability over sampled trials is the ideal
+observer's accuracy (an unbiased estimate with a smaller variance than scoring its answers).
+Where the oracle, which reads the ground truth, scores higher, the difference is the part of
+the task no agent can learn: noise, ties, or a ground truth drawn at random from the evidence.
+
+- PulseDecisionMaking: the answer is the side with more pulses; with equal counts it is drawn
+  at random (NeuroGym adds U(-0.1, 0.1) to one count), so a tie is a coin flip.
+- ProbabilisticReasoning: the shapes shown fix the log-odds of the answer, which is then drawn
+  with that probability; the best answer is the more likely one, right with max(p, 1 - p).
+- IntervalDiscrimination: the answer is the longer of two intervals; the agent sees each as a
+  number of steps, so intervals that round to the same count are a coin flip.
+- MultiSensoryIntegration: two noisy modalities, each a cosine bump of unknown strength
+  (coherence 5, 15 or 50 split at random between them); the posterior integrates over
+  that split on a grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pulses(env) -> float:
+    ob = np.asarray(env.ob)
+    n1, n2 = ob[:, 1].sum(), ob[:, 2].sum()
+    return 0.5 if np.isclose(n1, n2) else 1.0
+
+
+def _probabilistic(env) -> float:
+    p = 1.0 / (10.0 ** (-float(env.trial["log_odd"])) + 1.0)
+    return max(p, 1.0 - p)
+
+
+def _intervals(env) -> float:
+    ob = np.asarray(env.ob)
+    return 0.5 if np.isclose(ob[:, 1].sum(), ob[:, 2].sum()) else 1.0
+
+
+_PROP_GRID = (np.arange(200) + 0.5) / 200          # coh_prop ~ U(0, 1)
+
+
+def _multisensory(env) -> float:
+    ob = np.asarray(env.ob, dtype=np.float64)
+    stim = ob[env.start_ind["stimulus"]:env.end_ind["stimulus"]]
+    ring = (ob.shape[1] - 1) // 2
+    if ring != 2:
+        raise ValueError("the MultiSensoryIntegration observer assumes dim_ring = 2")
+    s2 = float(env.sigma) ** 2
+    T = stim.shape[0]
+    d1 = (stim[:, 1] - stim[:, 2]).sum()              # modality 1: unit 0 minus unit 1
+    d2 = (stim[:, 3] - stim[:, 4]).sum()
+    logs = []
+    for coh in env.cohs:                               # each coherence equally likely
+        a1, a2 = coh * _PROP_GRID / 200.0, coh * (1.0 - _PROP_GRID) / 200.0
+        common = -T * (a1 ** 2 + a2 ** 2) / s2
+        logs.append(np.stack([common + (a1 * d1 + a2 * d2) / s2,      # answer 0 (theta 0)
+                              common - (a1 * d1 + a2 * d2) / s2]))    # answer 1 (theta pi)
+    logs = np.concatenate(logs, axis=1)
+    m = logs.max()
+    like = np.exp(logs - m).sum(axis=1)
+    return float(like.max() / like.sum())
+
+
+OBSERVERS = {
+    "PulseDecisionMaking-v0": _pulses,
+    "ProbabilisticReasoning-v0": _probabilistic,
+    "IntervalDiscrimination-v0": _intervals,
+    "MultiSensoryIntegration-v0": _multisensory,
+}
+
+
+def has_observer(env_name: str) -> bool:
+    return env_name in OBSERVERS
+
+
+def observe(env_name: str, dt: int, trials: int = 2000, seed: int = 0) -> dict:
+    """The ideal observer's accuracy (mean over ``trials`` sampled trials) and its stderr."""
+    from common.tasks import make_env
+    env = make_env(env_name, dt, seed=seed)
+    u = env.unwrapped
+    fn = OBSERVERS[env_name]
+    vals = np.empty(trials)
+    for i in range(trials):
+        u.new_trial()
+        vals[i] = fn(u)
+    return {"accuracy": float(vals.mean()), "stderr": float(vals.std(ddof=1) / np.sqrt(trials))}
