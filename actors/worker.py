@@ -17,7 +17,7 @@ from actors.collector import TrialCollector
 from common.codec import decode_params, encode_trials
 from common.config import TrainConfig
 from common.networks import NetSpec
-from driver.progress import epsilon_at
+from driver.progress import epsilon_at, epsilon_per_step
 
 
 INSERT_TIMEOUT_S = 30.0
@@ -135,10 +135,10 @@ class ActorWorker:
             except (ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError):
                 pass        # the learner that published them died; the driver sends newer ones
         c = self.cfg
-        base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps)
+        base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps, c.dt)
         if spread is not None:
             self.rank, self.num_actors = int(spread[0]), int(spread[1])
-        self.collector.epsilon = actor_epsilon(base, self.rank, self.num_actors)
+        self.collector.epsilon = epsilon_per_step(actor_epsilon(base, self.rank, self.num_actors), c.dt)
         t_end = time.time() + seconds
         cpu0 = time.process_time()
         summaries, episodes = [], []

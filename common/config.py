@@ -230,10 +230,12 @@ class TrainConfig(ConfigBase):
     dueling: bool = opt(False, "dueling Q head (value + advantage streams)")
 
     # --- exploration (actors) ---
-    epsilon_start: float = opt(0.3, "initial exploration rate", low=0.0, high=1.0)
-    epsilon_end: float = opt(0.01, "final exploration rate", low=0.0, high=1.0)
-    epsilon_decay_steps: int = opt(100_000, "env steps (all envs) over which epsilon decays "
-                                   "linearly from start to end", low=1)
+    epsilon_start: float = opt(0.3, "initial exploration rate: the probability of a random action "
+                               "per 100 ms of task time (per step at dt 100)", low=0.0, high=1.0)
+    epsilon_end: float = opt(0.01, "final exploration rate per 100 ms of task time", low=0.0, high=1.0)
+    epsilon_decay_steps: int = opt(100_000, "task time, in units of 100 ms summed over all envs (env "
+                                   "steps at dt 100), over which epsilon decays linearly from "
+                                   "start to end", low=1)
 
     # --- replay ---
     buffer_size: int = opt(500, "replay capacity in trials (FIFO)", low=1)

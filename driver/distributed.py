@@ -240,7 +240,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         dtime = max(1e-9, now - last["t"])
         c.wall_time = self.wall0 + now - self.t_start
         idle = self.status.get("idle_s", 0.0)
-        eps = epsilon_at(c.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps)
+        eps = epsilon_at(c.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps, cfg.dt)
         rec = make_record(
             self.win, c, env_name=cfg.env_name, dt=cfg.dt, epsilon=eps,
             weights_version=self.status["version"], elapsed=c.wall_time,

@@ -20,7 +20,8 @@ from driver.experiment import Experiment, load_checkpoint
 from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
-from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
+from driver.progress import (Counters, ProgressBar, ReportWindow, epsilon_at, epsilon_per_step, make_record,
+                             progress_line)
 from learner.diagnostics import replay_staleness
 from learner.learner import Learner
 from replay.buffer import TrialBuffer
@@ -198,8 +199,9 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                 if deadline is not None and not stop.requested:
                     log(f"Time limit of {cfg.time_limit_minutes} min reached.")
                 break
-            eps = epsilon_at(counters.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps)
-            collector.epsilon = eps
+            eps = epsilon_at(counters.env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps,
+                             cfg.dt)
+            collector.epsilon = epsilon_per_step(eps, cfg.dt)
             trials, episodes = collector.step()
             counters.env_steps += collector.K
             if trials:

@@ -140,7 +140,7 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
         assert rec["trials"] > c0["trials"] and rec["updates"] >= c0["updates"]
         cfg = json.loads((exp.dir / "config.json").read_text())
         eps = epsilon_at(rec["env_steps"], cfg["epsilon_start"], cfg["epsilon_end"],
-                         cfg["epsilon_decay_steps"])
+                         cfg["epsilon_decay_steps"], cfg["dt"])
         assert rec["epsilon"] == pytest.approx(eps, abs=0.02)
     final = load_checkpoint(exp.checkpoint_dir / "final_model.pt")
     assert final["learner"]["updates"] > ck["learner"]["updates"]
