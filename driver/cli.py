@@ -270,8 +270,7 @@ def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
     from driver.commands import run_resume
-    with exp.lock():                # the run is still live: exit 2, nothing touched
-        summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
+    summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
     return _exit_code(summary)
 
 

@@ -125,12 +125,17 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
         raise UsageError(f"resume: the checkpoint is at episode {done}; pass --num-episodes "
                          f"greater than that (the new total)")
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
-    cfg.save(str(exp.config_path))
-    log(f"Resuming {exp.name} from {latest.name} (episode {done}) to episode {target}")
+    with exp.lock():                # the run is still live: exit 2, nothing touched
+        cfg.save(str(exp.config_path))
+        log(f"Resuming {exp.name} from {latest.name} (episode {done}) to episode {target}")
+        return _continue(cfg, exp, str(latest), target, log)
+
+
+def _continue(cfg, exp: Experiment, latest: str, target: int, log) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.num_actors == 0:
             from driver.local import train_local
-            return train_local(cfg, exp, resume_from=str(latest), target_episodes=target, log=log)
+            return train_local(cfg, exp, resume_from=latest, target_episodes=target, log=log)
         from driver.distributed import train_distributed
-        return train_distributed(cfg, exp, resume_from=str(latest), target_episodes=target, log=log)
+        return train_distributed(cfg, exp, resume_from=latest, target_episodes=target, log=log)

@@ -29,7 +29,7 @@ from driver.experiment import Experiment, load_checkpoint
 from driver.local import Stop, build_spec, finish_run
 from driver.recovery import RecoveryMixin
 from driver.live import LiveControlMixin
-from driver.progress import Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
+from driver.progress import Cadence, Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
 from learner.learner import Learner
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,7 +233,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         for r in self.status["recent"]:
             self.win.add_learner_stats(r)
 
-    def _report(self) -> dict:
+    def _report(self, line: bool = True) -> dict:
         cfg, c = self.cfg, self.counters
         now = time.time()
         last = self.last
@@ -259,11 +259,12 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self._live_record(rec)                   # driver/live.py: actor_nodes
         self.exp.append_metrics(rec)
         self.telemetry.log(rec)                  # TensorBoard, Prometheus, heartbeat
-        self.bar.clear()
-        self.log(progress_line(rec, self.target_episodes))
-        if rec["accuracy"] is not None and rec["accuracy"] > c.best_accuracy and c.updates > 0:
-            c.best_accuracy = rec["accuracy"]
-            self.save("best_model.pt")
+        if line:
+            self.bar.clear()
+            self.log(progress_line(rec, self.target_episodes))
+            if rec["accuracy"] is not None and rec["accuracy"] > c.best_accuracy and c.updates > 0:
+                c.best_accuracy = rec["accuracy"]
+                self.save("best_model.pt")
         self.win = ReportWindow()
         return rec
 
@@ -280,8 +281,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.rstats = {"size": 0}
         self.last = {"t": self.t_start, "env": c.env_steps, "upd": c.updates,
                      "train": c.trial_steps_trained, "idle": 0.0}
-        next_report = (c.episodes // cfg.print_freq + 1) * cfg.print_freq
-        next_ckpt = (c.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+        cadence = Cadence(cfg, c.episodes, self.t_start, self.target_episodes)
         self.bar = ProgressBar(self.target_episodes, c.episodes)
         deadline = self.t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
         last_status = 0.0
@@ -304,16 +304,16 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
                 self._tick()                     # replay snapshot due? (and test fault hooks)
                 self._live_tick()                # scale requests (control.json), heartbeat
                 now = time.time()
-                report_due = c.episodes >= next_report or c.episodes >= self.target_episodes
-                if report_due or now - last_status > STATUS_PERIOD_S:
+                kind = cadence.record_due(c.episodes, now, self.target_episodes)
+                if kind or now - last_status > STATUS_PERIOD_S:
                     last_status = now
                     self._poll()
                 self.bar.update(c.episodes)
-                if report_due:
-                    next_report = (c.episodes // cfg.print_freq + 1) * cfg.print_freq
-                    self._report()
-                if c.episodes >= next_ckpt:
-                    next_ckpt = (c.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+                if kind:
+                    cadence.recorded(kind, c.episodes, now)
+                    self._report(line=kind == "line")
+                if cadence.checkpoint_due(c.episodes, now):
+                    cadence.checkpointed(c.episodes, now)
                     self.save(f"checkpoint_{c.episodes}.pt")
         self.bar.clear()
         self._live_close("interrupted" if interrupted else "finished")

@@ -20,7 +20,7 @@ from driver.experiment import Experiment, load_checkpoint
 from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
-from driver.progress import (Counters, ProgressBar, ReportWindow, epsilon_at, epsilon_per_step, make_record,
+from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, epsilon_at, epsilon_per_step, make_record,
                              progress_line)
 from learner.diagnostics import replay_staleness
 from learner.learner import Learner
@@ -180,11 +180,10 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
     snaps = LocalReplaySnapshots(exp, cfg, buffer, counters, log)   # driver/recovery.py
     sample_rng = snaps.restore(sample_rng, resume_from)   # resume: the replay snapshot, if any
     win = ReportWindow()
-    next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
-    next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
     bar = ProgressBar(target_episodes, counters.episodes)
     telemetry = Telemetry(exp.dir, runtime="local")     # TensorBoard + heartbeat.json
     t_start = time.time()
+    cadence = Cadence(cfg, counters.episodes, t_start, target_episodes)
     wall0 = counters.wall_time
     last = {"t": t_start, "env": counters.env_steps, "upd": counters.updates,
             "train": counters.trial_steps_trained}
@@ -235,9 +234,10 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                         params, version = learner.publish()
                         collector.set_params(params, version)
             bar.update(counters.episodes)
-            if counters.episodes >= next_report or counters.episodes >= target_episodes:
-                next_report = (counters.episodes // cfg.print_freq + 1) * cfg.print_freq
-                now = time.time()
+            now = time.time()
+            kind = cadence.record_due(counters.episodes, now, target_episodes)
+            if kind:
+                cadence.recorded(kind, counters.episodes, now)
                 dtime = max(1e-9, now - last["t"])
                 counters.wall_time = wall0 + now - t_start
                 rec = make_record(
@@ -251,15 +251,16 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                         "train": counters.trial_steps_trained}
                 exp.append_metrics(rec)
                 telemetry.log(rec)
-                bar.clear()
-                log(progress_line(rec, target_episodes))
-                if rec["accuracy"] is not None and rec["accuracy"] > counters.best_accuracy \
-                        and counters.updates > 0:
-                    counters.best_accuracy = rec["accuracy"]
-                    exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "best_model.pt")
+                if kind == "line":
+                    bar.clear()
+                    log(progress_line(rec, target_episodes))
+                    if rec["accuracy"] is not None and rec["accuracy"] > counters.best_accuracy \
+                            and counters.updates > 0:
+                        counters.best_accuracy = rec["accuracy"]
+                        exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "best_model.pt")
                 win = ReportWindow()
-            if counters.episodes >= next_ckpt:
-                next_ckpt = (counters.episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+            if cadence.checkpoint_due(counters.episodes, now):
+                cadence.checkpointed(counters.episodes, now)
                 counters.wall_time = wall0 + time.time() - t_start
                 exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters),
                                     f"checkpoint_{counters.episodes}.pt")

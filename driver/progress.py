@@ -25,6 +25,49 @@ def epsilon_per_step(epsilon: float, dt: int) -> float:
     return 1.0 - (1.0 - epsilon) ** (dt / 100.0)
 
 
+class Cadence:
+    """When a metrics record, a progress line and a checkpoint are due, in both runtimes.
+
+    A record is written every ``--print-freq`` episodes (with a progress line, and the check for
+    a new ``best_model.pt``) and, between those, every 1 % of the run's episodes and at least
+    every ``--record-seconds`` of training (a record only: its window may hold few trials), so
+    that every run has a curve of about 100 points or more.
+    A checkpoint is due every ``--checkpoint-freq`` episodes or ``--checkpoint-minutes`` of
+    training, whichever comes first, so a killed short run can still be resumed."""
+
+    def __init__(self, cfg, episodes: int, now: float, target: int):
+        self.cfg = cfg
+        self.next_line = (episodes // cfg.print_freq + 1) * cfg.print_freq
+        self.step = max(1, target // 100)
+        self.next_record = (episodes // self.step + 1) * self.step
+        self.next_ckpt = (episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
+        self.t_record = self.t_ckpt = now
+        self.ep_record = episodes
+
+    def record_due(self, episodes: int, now: float, target: int) -> str | None:
+        """"line" (a record with a progress line), "record" (a record only) or None."""
+        if episodes >= self.next_line or episodes >= target:
+            return "line"
+        if episodes >= self.next_record or (self.cfg.record_seconds > 0 and episodes > self.ep_record
+                                            and now - self.t_record >= self.cfg.record_seconds):
+            return "record"
+        return None
+
+    def recorded(self, kind: str, episodes: int, now: float) -> None:
+        self.t_record, self.ep_record = now, episodes
+        self.next_record = (episodes // self.step + 1) * self.step
+        if kind == "line":
+            self.next_line = (episodes // self.cfg.print_freq + 1) * self.cfg.print_freq
+
+    def checkpoint_due(self, episodes: int, now: float) -> bool:
+        return episodes >= self.next_ckpt or (self.cfg.checkpoint_minutes > 0 and
+                                              now - self.t_ckpt >= 60 * self.cfg.checkpoint_minutes)
+
+    def checkpointed(self, episodes: int, now: float) -> None:
+        self.t_ckpt = now
+        self.next_ckpt = (episodes // self.cfg.checkpoint_freq + 1) * self.cfg.checkpoint_freq
+
+
 @dataclass
 class Counters:
     """Everything a resumed run must continue from (saved in checkpoints)."""

@@ -314,34 +314,32 @@ def test_a_dt_the_task_cannot_run_at_is_one_line_exit_2_and_writes_nothing(tmp_p
     assert not (tmp_path / "exps").exists()
 
 
-def test_a_live_run_keeps_its_experiment_train_overwrite_and_resume_are_refused(tmp_path, capsys):
+def test_a_live_run_keeps_its_experiment_train_overwrite_and_resume_are_refused(trained, tmp_path, capsys):
     """One driver per experiment: while a process holds the experiment (as a live training does),
     `train --overwrite` of the same name and `resume` are one line + exit 2, and nothing is touched;
-    once the holder is gone (killed: the kernel drops its lock), they go ahead."""
+    once the holder is gone (killed: the kernel drops its lock), resume goes ahead."""
     import subprocess
     import sys
-    from driver.experiment import Experiment
-    cfg = TrainConfig(env_name="PerceptualDecisionMaking-v0", experiments_dir=str(tmp_path),
-                      experiment_name="live")
-    Experiment(tmp_path, "live").create(cfg)
-    marker = tmp_path / "live" / "metrics.jsonl"
-    marker.write_text('{"episode": 1}\n')
+    exp = _copy(trained, tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
          "from driver.experiment import Experiment;"
-         "cm = Experiment(sys.argv[2], 'live').lock(); cm.__enter__(); print('held', flush=True);"
-         "time.sleep(60)", str(Path(__file__).resolve().parent.parent), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+         "cm = Experiment(sys.argv[2], sys.argv[3]).lock(); cm.__enter__(); print('held', flush=True);"
+         "time.sleep(60)", str(Path(__file__).resolve().parent.parent), str(exp.parent), exp.name],
+        stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        for argv in (["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--overwrite",
-                      "--experiments-dir", str(tmp_path), "--experiment-name", "live", "--num-actors", "0"],
-                     ["resume", "--experiments-dir", str(tmp_path), "--experiment-name", "live"]):
+        before = _snapshot(tmp_path)
+        for argv in ([*TRAIN, "--overwrite", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name],
+                     ["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+                      "--num-episodes", "100000"]):
             assert main(argv) == 2
-            err = capsys.readouterr().err.strip()
-            assert "is in use by pid" in err and "\n" not in err, err
-            assert marker.read_text() == '{"episode": 1}\n'
+            err = _one_line(capsys.readouterr().err)
+            assert "is in use by pid" in err, err
+            assert _snapshot(tmp_path) == before
     finally:
         holder.kill()
         holder.wait()
-    assert main(["resume", "--experiments-dir", str(tmp_path), "--experiment-name", "live"]) == 2
-    assert "no checkpoint to resume from" in capsys.readouterr().err     # the lock is gone with its holder
+    done = _counters(exp / "checkpoints" / "final_model.pt")["episodes"]
+    assert main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+                 "--num-episodes", str(done + 8)]) == 0          # the lock went with its holder

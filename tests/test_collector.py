@@ -332,3 +332,21 @@ def test_exploration_is_defined_per_task_time():
     assert epsilon_at(50_000, 0.3, 0.01, 100_000, dt=100) == pytest.approx(0.155)
     assert epsilon_at(500_000, 0.3, 0.01, 100_000, dt=10) == pytest.approx(0.155)
     assert epsilon_at(10**7, 0.3, 0.01, 100_000, dt=10) == pytest.approx(0.01)
+
+
+def test_records_come_every_percent_of_the_run_and_every_few_seconds():
+    from types import SimpleNamespace
+    from driver.progress import Cadence
+    cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0)
+    c = Cadence(cfg, 0, now=0.0, target=300)
+    kinds = []
+    for ep in range(1, 301):
+        k = c.record_due(ep, now=ep * 0.01, target=300)
+        if k:
+            c.recorded(k, ep, ep * 0.01)
+            kinds.append(k)
+    assert len(kinds) == 101 and kinds.count("line") == 2          # every 3rd episode, plus the line at 250
+    c = Cadence(cfg, 0, now=0.0, target=10**6)
+    assert c.record_due(5, now=1.0, target=10**6) is None
+    assert c.record_due(5, now=2.5, target=10**6) == "record"      # by time
+    assert not c.checkpoint_due(5, now=59.0) and c.checkpoint_due(5, now=61.0)
