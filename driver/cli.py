@@ -193,14 +193,47 @@ def cmd_train(ns) -> int:
     cfg.experiment_name = name
     cfg.num_actors = cfg.effective_num_actors        # "auto" resolved and recorded in config.json
     exp = Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
-    with exp.lock():                # a live run of the same name (e.g. under --overwrite): exit 2
-        return _train_new(cfg, exp)
+    started = _capacity_preflight(cfg)              # actors that cannot be placed: exit 2
+    try:
+        with exp.lock():            # a live run of the same name (e.g. under --overwrite): exit 2
+            return _train_new(cfg, exp)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+
+
+def _capacity_preflight(cfg: TrainConfig) -> bool:
+    """Refuse an actor count the cluster cannot place, before anything is written: on the
+    embedded Ray (this machine's CPUs) without starting it; on a cluster (--address,
+    RAY_ADDRESS, or a Ray already initialised in this process) by joining it first.  Returns
+    True if Ray was started here (the caller shuts it down)."""
+    if cfg.num_actors == 0:
+        return False
+    import ray
+    n = cfg.num_actors
+    if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
+        cpus = os.cpu_count() or 1
+        if n + 1 > cpus:
+            raise UsageError(f"train-neurogym: --num-actors {n} needs {n + 1} CPUs (one per actor and "
+                             f"one for the learner) but this machine has {cpus}; use --num-actors "
+                             f"{max(0, cpus - 1)} or fewer (0: one process), or join a cluster with --address")
+        return False
+    from driver.distributed import ClusterError, check_capacity, init_ray
+    started = init_ray(cfg)
+    try:
+        check_capacity(n)
+    except ClusterError as exc:
+        if started:
+            ray.shutdown()
+        raise UsageError(f"train-neurogym: {exc}") from exc
+    return started
 
 
 def _train_new(cfg: TrainConfig, exp) -> int:
     exp.create(cfg, overwrite=cfg.overwrite)
     print(f"Experiment: {exp.dir}  (task {cfg.env_name}, dt {cfg.dt}, core {cfg.core}, "
-          f"{'single process' if cfg.num_actors == 0 else f'{cfg.num_actors} Ray actors'})", flush=True)
+          f"{'single process' if cfg.num_actors == 0 else f'{cfg.num_actors} Ray actor' + ('s' if cfg.num_actors != 1 else '')})", flush=True)
     from common.ceiling import ceiling_for
     ceil = ceiling_for(cfg.env_name, cfg.dt)          # measured once per task and dt, cached
     print(f"Ceiling: {ceil['ceiling']:.3f} ({ceil['ceiling_source']}); best trivial policy "

@@ -57,9 +57,9 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         log(f"Joining Ray cluster at {address}")
         ray.init(address=address, **common)
     else:
-        ncpu = max(os.cpu_count() or 1, cfg.effective_num_actors + 1)
+        # this machine's CPUs, not the request: more actors than fit are refused (check_capacity)
         from driver.ray_local import init_local_ray     # every Ray port on 127.0.0.1 only
-        init_local_ray(num_cpus=ncpu, include_dashboard=False, **common)
+        init_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     return True
 
 

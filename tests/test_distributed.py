@@ -50,18 +50,18 @@ def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
 
 
 def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
-    """`train-neurogym --num-actors 2` on an embedded Ray, as a user runs it, in a subprocess."""
+    """`train-neurogym --num-actors 1` on an embedded Ray, as a user runs it, in a subprocess."""
     cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", "PerceptualDecisionMaking-v0",
-           "--num-actors", "2", "--envs-per-actor", "4", "--num-episodes", "24", "--hidden-dim", "16",
+           "--num-actors", "1", "--envs-per-actor", "4", "--num-episodes", "24", "--hidden-dim", "16",
            "--trial-batch-size", "8", "--learning-starts", "16", "--print-freq", "8",
            "--eval-trials", "30", "--experiments-dir", str(tmp_path), "--experiment-name", "cli-ray"]
     env = dict(os.environ, RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "2 Ray actors" in p.stdout and "Ep " in p.stdout and "Greedy evaluation" in p.stdout
+    assert "1 Ray actor)" in p.stdout and "Ep " in p.stdout and "Greedy evaluation" in p.stdout
     cfg = json.loads((tmp_path / "cli-ray" / "config.json").read_text())
-    assert cfg["num_actors"] == 2
+    assert cfg["num_actors"] == 1
 
 
 def test_epsilon_spread_follows_the_active_actors_after_scale():
@@ -75,3 +75,15 @@ def test_epsilon_spread_follows_the_active_actors_after_scale():
     assert eps == sorted(eps, reverse=True) and len(set(eps)) == 4  # the whole spread, not base ε
     # actor 1 died (None) and actor 3 is draining: the two that run span the spread
     assert epsilon_spread(["a", None, "c", "d"], {3: {}}) == {0: (0, 2), 2: (1, 2)}
+
+
+def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    """The embedded Ray gets this machine's CPUs, not the request: --num-actors 64 is refused with
+    the numbers before Ray starts or a directory is written (also with a Ray already running)."""
+    from driver.cli import main
+    rc = main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "64",
+               "--experiments-dir", str(tmp_path / "exps"), "--experiment-name", "many"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert "64 actors + the learner need 65 CPUs" in err or "--num-actors 64 needs 65 CPUs" in err, err
+    assert not (tmp_path / "exps").exists()
