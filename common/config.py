@@ -160,7 +160,7 @@ class ConfigBase:
 
 def _none_or(base: type):
     def parse(text: str):
-        if text.lower() in ("none", "null", ""):
+        if text.lower() in ("none", "null"):
             return None
         return base(text)
     parse.__name__ = base.__name__

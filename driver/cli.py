@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new total number of episodes (default: the original --num-episodes)")
     s.add_argument("--time-limit-minutes", type=float, default=None,
                    help="stop after this many minutes of this session")
+    s.add_argument("--checkpoint", default=None,
+                   help="checkpoint file name (in the experiment's checkpoints/) or path to continue "
+                        "from (default: the newest one that loads; a damaged newer one is skipped "
+                        "with a warning)")
     c = sub.add_parser("scale", allow_abbrev=False, help="add or remove actors of a running Ray job",
                        description="Change the number of actors of a running distributed job without "
                        "stopping it: the learner and the replay server (and its contents) are untouched; "
@@ -303,7 +307,8 @@ def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
     from driver.commands import run_resume
-    summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes)
+    summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes,
+                         checkpoint=ns.checkpoint)
     return _exit_code(summary)
 
 

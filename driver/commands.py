@@ -108,14 +108,9 @@ def run_render(exp: Experiment, *, output: str, checkpoint: str | None, seed: in
 
 
 def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes: float | None,
-               log=print) -> dict:
+               checkpoint: str | None = None, log=print) -> dict:
     cfg = exp.load_config()
-    latest = exp.latest_checkpoint()
-    if latest is None:
-        from driver.experiment import CheckpointError
-        raise CheckpointError(f"experiment {exp.name!r} has no checkpoint to resume from "
-                              f"(looked in {exp.checkpoint_dir})")
-    ck = load_checkpoint(latest)
+    latest, ck = _resume_point(exp, checkpoint, log)
     from driver.recovery import load_resume_snapshot
     load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))
@@ -129,6 +124,34 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
         cfg.save(str(exp.config_path))
         log(f"Resuming {exp.name} from {latest.name} (episode {done}) to episode {target}")
         return _continue(cfg, exp, str(latest), target, log)
+
+
+def _resume_point(exp: Experiment, checkpoint: str | None, log) -> tuple:
+    """The checkpoint to continue from: ``checkpoint`` if given, else the newest one that loads;
+    a damaged newer one is skipped with a warning naming it."""
+    from driver.experiment import CheckpointError
+    if checkpoint is not None:
+        path = exp.resolve_checkpoint(checkpoint)
+        return path, load_checkpoint(path)
+    cands = exp.checkpoints_newest_first()
+    if not cands:
+        raise CheckpointError(f"experiment {exp.name!r} has no checkpoint to resume from "
+                              f"(looked in {exp.checkpoint_dir})")
+    from driver.experiment import _checkpoint_episode
+    damaged = []
+    for i, path in enumerate(cands):
+        try:
+            ck = load_checkpoint(path)
+        except CheckpointError as exc:
+            damaged.append(path.name)
+            log(f"Warning: {exc}; trying the next older checkpoint")
+            continue
+        for other in cands[i + 1:]:           # unreadable files rank last: say that they were skipped
+            if _checkpoint_episode(other) < 0:
+                log(f"Warning: skipped {other.name}, which cannot be loaded (damaged)")
+        return path, ck
+    raise CheckpointError(f"experiment {exp.name!r}: no checkpoint can be loaded (damaged: "
+                          f"{', '.join(damaged)})")
 
 
 def _continue(cfg, exp: Experiment, latest: str, target: int, log) -> dict:

@@ -162,17 +162,20 @@ class Experiment:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest of checkpoint_<episode>.pt and final_model.pt (by recorded progress)."""
+        cands = self.checkpoints_newest_first()
+        return cands[0] if cands else None
+
+    def checkpoints_newest_first(self) -> list[Path]:
+        """checkpoint_<episode>.pt and final_model.pt, newest (by recorded progress) first."""
         cands = list(self.checkpoint_dir.glob("checkpoint_*.pt"))
         final = self.checkpoint_dir / "final_model.pt"
         if final.exists():
             cands.append(final)
-        if not cands:
-            return None
         # Rank by the episode recorded in the file, not by mtime alone: a copied directory
         # (cp -r, rsync without -t) scrambles mtimes and would resume from an older checkpoint.
         # At equal episodes final_model.pt wins (it is written after the periodic one).
-        return max(cands, key=lambda p: (_checkpoint_episode(p), p.name == "final_model.pt",
-                                         p.stat().st_mtime_ns, p.name))
+        return sorted(cands, key=lambda p: (_checkpoint_episode(p), p.name == "final_model.pt",
+                                            p.stat().st_mtime_ns, p.name), reverse=True)
 
     def resolve_checkpoint(self, name: str | None) -> Path:
         if name is None:
@@ -200,14 +203,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
         # one line: torch's messages can span lines and carry terminal colour codes
         reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:200]
+        if "weights_only" in reason or "Weights only load failed" in reason:
+            reason = "it holds pickled Python objects, which are never loaded (only tensors and plain data)"
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded ({type(exc).__name__}: "
                               f"{reason}); it may be truncated or not a mpn-dqn checkpoint") from exc
     if not isinstance(data, dict) or "learner" not in data or "spec" not in data:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a mpn-dqn checkpoint (missing keys)")
     stored = data.pop("sha256", None)        # absent in checkpoints written before it existed
     if stored is not None and stored != payload_digest(data):
-        raise CheckpointError(f"checkpoint {str(path)!r} fails its SHA-256 check; it is damaged "
-                              "(use an older checkpoint_<episode>.pt)")
+        raise CheckpointError(f"checkpoint {str(path)!r} fails its SHA-256 check; it is damaged")
     return data
 
 

@@ -36,3 +36,16 @@ def init_local_ray(**kwargs) -> None:
     kwargs.setdefault("dashboard_host", "127.0.0.1")
     with loopback_only():
         ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    _private_token()
+
+
+def _private_token() -> None:
+    """Ray writes the embedded cluster's auth token to ~/.ray/auth_token readable by everyone on
+    the machine; make it the owner's only (the token is the key to run code on this Ray)."""
+    import os
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        if os.path.isfile(path) and os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass

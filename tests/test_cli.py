@@ -343,3 +343,36 @@ def test_a_live_run_keeps_its_experiment_train_overwrite_and_resume_are_refused(
     done = _counters(exp / "checkpoints" / "final_model.pt")["episodes"]
     assert main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
                  "--num-episodes", str(done + 8)]) == 0          # the lock went with its holder
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(trained, tmp_path, capsys):
+    exp = _copy(trained, tmp_path)
+    ckdir = exp / "checkpoints"
+    final = ckdir / "final_model.pt"
+    final.write_bytes(final.read_bytes()[:100])                    # a damaged final_model.pt
+    periodic = sorted(ckdir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    newest = periodic[-1]
+    newest.write_bytes(newest.read_bytes()[:100])                  # and a damaged newest checkpoint_N
+    older = periodic[-2]
+    done = _counters(older)["episodes"]
+    assert main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+                 "--num-episodes", str(done + 8)]) == 0
+    out = capsys.readouterr().out
+    assert f"Warning: checkpoint '{newest}'" in out and "trying the next older checkpoint" in out
+    assert "skipped final_model.pt" in out and f"from {older.name}" in out
+
+
+def test_a_pickle_checkpoint_is_refused_without_torch_advice_to_unpickle(tmp_path, capsys):
+    import argparse
+    from driver.experiment import CheckpointError, load_checkpoint
+    bad = tmp_path / "evil.pt"
+    torch.save({"learner": argparse.Namespace(x=1), "spec": {}}, bad)   # needs unpickling a class
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert "pickled Python objects" in str(e.value) and "weights_only=False" not in str(e.value)
+
+
+def test_an_empty_experiment_name_is_refused(tmp_path, capsys):
+    assert main([*TRAIN, "--experiments-dir", str(tmp_path), "--experiment-name", ""]) == 2
+    assert "--experiment-name ''" in _one_line(capsys.readouterr().err)     # not a random name
+    assert not any(tmp_path.iterdir())

@@ -122,15 +122,18 @@ def test_resume_with_a_damaged_file_exits_2_naming_it_and_writes_nothing(trained
     (exp / "checkpoints" / "final_model.pt").unlink()
     ck_path = max((exp / "checkpoints").glob("checkpoint_*.pt"), key=lambda p: int(p.stem[11:]))
     snap = exp / "checkpoints" / "replay_snapshot.npz"
+    # a damaged newest checkpoint alone is skipped (test_cli.py); here every one is damaged
     if damage == "truncate-checkpoint":
         bad = ck_path
-        bad.write_bytes(ck_path.read_bytes()[:5000])
+        for p in (exp / "checkpoints").glob("checkpoint_*.pt"):
+            p.write_bytes(p.read_bytes()[:5000])
     elif damage == "alter-checkpoint":
         bad = ck_path
-        ck = torch.load(ck_path, weights_only=True)
-        first = next(iter(ck["learner"]["online"]))
-        ck["learner"]["online"][first].view(-1)[0] += 1.0
-        torch.save(ck, ck_path)
+        for p in (exp / "checkpoints").glob("checkpoint_*.pt"):
+            ck = torch.load(p, weights_only=True)
+            first = next(iter(ck["learner"]["online"]))
+            ck["learner"]["online"][first].view(-1)[0] += 1.0
+            torch.save(ck, p)
     elif damage == "truncate-snapshot":
         bad = snap
         bad.write_bytes(snap.read_bytes()[:-100])
@@ -141,5 +144,5 @@ def test_resume_with_a_damaged_file_exits_2_naming_it_and_writes_nothing(trained
     rc = _resume(exp, 40)
     assert rc == 2
     msg = _one_line(capsys.readouterr().err)
-    assert str(bad) in msg
+    assert (bad.name if bad is ck_path else str(bad)) in msg
     assert _files(tmp_path) == before

@@ -87,3 +87,10 @@ def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothin
     assert rc == 2 and "\n" not in err, err
     assert "64 actors + the learner need 65 CPUs" in err or "--num-actors 64 needs 65 CPUs" in err, err
     assert not (tmp_path / "exps").exists()
+
+
+def test_the_embedded_rays_auth_token_is_readable_by_its_owner_only(ray_session):
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if not os.path.exists(path):
+        pytest.skip("this Ray wrote no auth token")
+    assert os.stat(path).st_mode & 0o077 == 0, oct(os.stat(path).st_mode)
