@@ -155,6 +155,7 @@ class TrialCollector:
         if self.burn_in > 0:
             self._ring_push()
         q = self.policy.step(obs, self.state)             # state now holds M after this step
+        self.last_q = q
         actions = self._act(q)
         self.buf_act[row] = actions
         rews, obs_next, ended = [], [], []

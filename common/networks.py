@@ -244,4 +244,5 @@ class NumpyPolicy:
         q = h @ self.head_wt + self.head_b
         if s.dueling:
             q = (h @ self.value_wt + self.value_b) + q - q.mean(axis=1, keepdims=True)
+        self.last_h = h              # the step's hidden activity [K,H] (a reused buffer: copy it)
         return q

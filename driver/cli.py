@@ -76,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials to render (default: one episode)")
     r.add_argument("--fps", type=int, default=8, help="frames per second (default: 8)")
 
+    an = sub.add_parser("analyze", allow_abbrev=False, help="record and analyse a trained agent's trials",
+                        description="Run the trained policy greedily (M kept across the trials of an "
+                        "episode, as in training) and write experiments/<name>/analysis/: trials.npz "
+                        "(per step: observation, action, ground truth, reward, Q, h, M, period; per "
+                        "trial: NeuroGym's trial conditions, outcome, episode position; see "
+                        "docs/analysis.md), summary.json, and figures: psychometric curve beside the "
+                        "ideal observer's (tasks with a signed coherence), PCA of h and M, decoding of "
+                        "trial variables over time from h and M with a shuffled control, cross-temporal "
+                        "decoding. Figures that do not apply to the task are skipped with the reason.")
+    an.add_argument("--experiment-name", required=True, help="experiment to analyse")
+    an.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    an.add_argument("--checkpoint", default=None,
+                    help="checkpoint file name or path (default: as eval: selected_model.pt, else "
+                         "final_model.pt, else best_model.pt)")
+    an.add_argument("--num-trials", type=int, default=500, help="greedy trials to record (default: 500)")
+    an.add_argument("--seed", type=int, default=0, help="seed of the recorded trials (default: 0)")
+
     s = sub.add_parser("resume", allow_abbrev=False, help="continue a run from its last checkpoint",
                        description="Continue an experiment from its newest checkpoint (model, "
                        "optimizer, target network, counters, epsilon schedule) and its replay "
@@ -403,6 +420,18 @@ def cmd_sweep(ns) -> int:
     return 0 if out["ok"] == out["trials"] else 1
 
 
+def cmd_analyze(ns) -> int:
+    _positive("--num-trials", ns.num_trials, allow_none=False)
+    if ns.num_trials < 20 or ns.num_trials > 100_000:
+        raise UsageError(f"analyze: --num-trials must be between 20 and 100000, got {ns.num_trials}")
+    if ns.seed < 0:
+        raise UsageError(f"analyze: --seed must be >= 0, got {ns.seed}")
+    exp = _open(ns)
+    from driver.analyze import run_analyze
+    run_analyze(exp, checkpoint=ns.checkpoint, num_trials=ns.num_trials, seed=ns.seed)
+    return 0
+
+
 def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
@@ -413,7 +442,7 @@ def cmd_watch(ns) -> int:
 
 COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume,
             "scale": cmd_scale, "watch": cmd_watch, "ceiling": cmd_ceiling,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
