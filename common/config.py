@@ -118,6 +118,12 @@ class ConfigBase:
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} is not a JSON object of options (got {type(data).__name__})")
+        missing = [k for k in ("env_name", "dt", "core", "hidden_dim", "seed") if k not in data]
+        if missing:
+            raise ConfigError(f"config {path} lacks {', '.join(missing)}; it was not written by "
+                              "train-neurogym (restore it, or start a new experiment)")
         return cls.from_dict(data)
 
     @classmethod

@@ -15,6 +15,7 @@ import sys
 from common.config import ConfigError, TrainConfig, random_experiment_name
 
 EXIT_USAGE = 2
+MAX_EVAL_EPISODES = 10_000
 
 
 class UsageError(Exception):
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--experiment-name", required=True, help="experiment to evaluate")
     e.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
     e.add_argument("--num-eval-episodes", type=int, default=50,
-                   help="episodes to run; each has the experiment's --trials-per-episode trials "
-                   "(default: 50)")
+                   help="episodes to run (at most 10000); each has the experiment's "
+                   "--trials-per-episode trials (default: 50)")
     e.add_argument("--checkpoint", default=None,
                    help="checkpoint file name or path (default: selected_model.pt — the final or the best "
                         "model, whichever was better on validation seeds — else final_model.pt, "
@@ -240,8 +241,13 @@ def _capacity_preflight(cfg: TrainConfig) -> bool:
                              f"one for the learner) but this machine has {cpus}; use --num-actors "
                              f"{max(0, cpus - 1)} or fewer (0: one process), or join a cluster with --address")
         return False
-    from driver.distributed import ClusterError, check_capacity, init_ray
-    started = init_ray(cfg)
+    from driver.distributed import ClusterError, check_capacity, check_reachable, init_ray
+    try:
+        if cfg.address:
+            check_reachable(cfg.address)
+        started = init_ray(cfg)
+    except ClusterError as exc:
+        raise UsageError(f"train-neurogym: {exc}") from exc
     try:
         check_capacity(n)
     except ClusterError as exc:
@@ -299,6 +305,9 @@ def _open(ns):
 
 def cmd_eval(ns) -> int:
     _positive("--num-eval-episodes", ns.num_eval_episodes, allow_none=False)
+    if ns.num_eval_episodes > MAX_EVAL_EPISODES:
+        raise UsageError(f"eval: --num-eval-episodes {ns.num_eval_episodes} is more than "
+                         f"{MAX_EVAL_EPISODES}; the accuracy's stderr is already < 0.002 there")
     exp = _open(ns)
     from driver.commands import run_eval
     run_eval(exp, num_episodes=ns.num_eval_episodes, checkpoint=ns.checkpoint, seed=ns.seed)

@@ -13,12 +13,48 @@ from driver.experiment import Experiment, load_checkpoint
 
 
 def load_policy_params(exp: Experiment, checkpoint: str | None) -> tuple[NetSpec, dict, dict, str]:
+    cfg = exp.load_config()
     path = exp.resolve_checkpoint(checkpoint)
     ck = load_checkpoint(path)
+    check_checkpoint_matches(ck, cfg, path)
     spec = NetSpec(**ck["spec"])
     net = QNetwork(spec)
-    net.load_state_dict(ck["learner"]["online"])
+    try:
+        net.load_state_dict(ck["learner"]["online"])
+    except (RuntimeError, KeyError) as exc:
+        from driver.experiment import CheckpointError
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the network its spec describes "
+                              f"({' '.join(str(exc).split())[:160]})") from exc
     return spec, export_params(net), ck, str(path)
+
+
+# what makes a checkpoint's network: it must agree with the experiment's config
+NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias", "learn_plasticity")
+
+
+def check_checkpoint_matches(ck: dict, cfg, path) -> None:
+    """One line naming the first disagreement between a checkpoint and the experiment's config
+    (task, dt, observation and action sizes, core, hidden size, ...)."""
+    from common.tasks import task_dims
+    from driver.experiment import CheckpointError
+    try:
+        spec = NetSpec(**ck["spec"])
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable network spec ({exc})") from exc
+    stored = ck.get("config") or {}
+    for f in NETWORK_FIELDS:
+        if f in stored and stored[f] != getattr(cfg, f):
+            raise CheckpointError(f"checkpoint {str(path)!r} was trained with {f} = {stored[f]!r} but the "
+                                  f"experiment's config.json says {getattr(cfg, f)!r}; it belongs to "
+                                  "another experiment")
+    obs_dim, num_actions = task_dims(cfg.env_name, cfg.dt)
+    for what, have, want in (("observation size", spec.obs_dim, obs_dim),
+                             ("number of actions", spec.num_actions, num_actions),
+                             ("core", spec.core, cfg.core), ("hidden size", spec.hidden_dim, cfg.hidden_dim)):
+        if have != want:
+            raise CheckpointError(f"checkpoint {str(path)!r} has {what} {have!r} but {cfg.env_name} at "
+                                  f"dt {cfg.dt} with this config needs {want!r}; it belongs to another "
+                                  "experiment")
 
 
 def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed: int, log=print) -> dict:
@@ -111,6 +147,7 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
                checkpoint: str | None = None, log=print) -> dict:
     cfg = exp.load_config()
     latest, ck = _resume_point(exp, checkpoint, log)
+    check_checkpoint_matches(ck, cfg, latest)        # before anything is rewritten
     from driver.recovery import load_resume_snapshot
     load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))

@@ -54,6 +54,7 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env=worker_env())
     if address:
+        check_reachable(address)
         log(f"Joining Ray cluster at {address}")
         ray.init(address=address, **common)
     else:
@@ -61,6 +62,21 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         from driver.ray_local import init_local_ray     # every Ray port on 127.0.0.1 only
         init_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A host:port address must accept a TCP connection within ``timeout_s`` (Ray itself retries
+    an unreachable address for minutes without a word); "auto" and ray:// URLs are left to Ray."""
+    import socket
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({exc}); check --address / "
+                           "RAY_ADDRESS (host:port of the head node's GCS, e.g. 127.0.0.1:6379)") from exc
 
 
 def _learner_gpus(cfg: TrainConfig) -> float:

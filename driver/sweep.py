@@ -430,7 +430,11 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")    # Tune's console tables off: one line per trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # the embedded Ray gets this machine's CPUs, no more: trials that do not fit are refused
-    started = init_ray(TrainConfig(env_name=spec.tasks[0], num_actors=0, address=spec.address), log)
+    from driver.distributed import ClusterError
+    try:
+        started = init_ray(TrainConfig(env_name=spec.tasks[0], num_actors=0, address=spec.address), log)
+    except ClusterError as exc:
+        raise SweepError(str(exc)) from exc
     try:
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)

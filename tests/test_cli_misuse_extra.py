@@ -4,6 +4,7 @@ single-process runtime snapshots its replay buffer and ``resume`` restores it.""
 import json
 import shutil
 import warnings
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,41 @@ def test_resume_with_a_damaged_file_exits_2_naming_it_and_writes_nothing(trained
     msg = _one_line(capsys.readouterr().err)
     assert (bad.name if bad is ck_path else str(bad)) in msg
     assert _files(tmp_path) == before
+
+
+def test_a_checkpoint_of_another_experiment_is_refused_in_one_line(trained, tmp_path, capsys):
+    """eval, render, analyze and resume check the checkpoint against the experiment's config
+    (task, sizes, core) before they use it or rewrite anything."""
+    exp = _copy(trained, tmp_path)
+    cfg = json.loads((exp / "config.json").read_text())
+    (exp / "config.json").write_text(json.dumps(dict(cfg, hidden_dim=cfg["hidden_dim"] * 2)))
+    before = _files(tmp_path)
+    for argv in (["eval"], ["render", "--output", str(tmp_path / "x.gif")], ["analyze"],
+                 ["resume", "--num-episodes", "100000"]):
+        assert main([argv[0], "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
+                     *argv[1:]]) == 2, argv
+        msg = _one_line(capsys.readouterr().err)
+        assert "hidden_dim" in msg and "belongs to another experiment" in msg, msg
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("text", ["{}", "[]", "null"])
+def test_a_config_json_that_is_not_one_is_refused(trained, tmp_path, capsys, text):
+    exp = _copy(trained, tmp_path)
+    (exp / "config.json").write_text(text)
+    before = _files(tmp_path)
+    assert _resume(exp, 100000) == 2
+    assert "config" in _one_line(capsys.readouterr().err)
+    assert _files(tmp_path) == before
+
+
+def test_unbounded_eval_and_an_unreachable_address_are_refused(tmp_path, capsys):
+    assert main(["eval", "--experiments-dir", str(tmp_path), "--experiment-name", "x",
+                 "--num-eval-episodes", "1000000000"]) == 2
+    assert "more than 10000" in _one_line(capsys.readouterr().err)
+    t0 = time.time()
+    assert main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "1",
+                 "--address", "127.0.0.1:1", "--experiments-dir", str(tmp_path / "e")]) == 2
+    assert time.time() - t0 < 30
+    assert "cannot reach a Ray cluster at 127.0.0.1:1" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "e").exists()
