@@ -402,7 +402,8 @@ class TrainConfig(ConfigBase):
 
 
 def check_experiment_name(name: str) -> None:
-    ok = name and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+    ok = name and len(name) <= 200 and all(c.isalnum() or c in "-_." for c in name) \
+        and not name.startswith(".")
     if not ok:
-        raise ConfigError(f"--experiment-name {name!r} must be letters, digits, '-', '_' or '.' "
-                          "(no slashes, not starting with '.')")
+        raise ConfigError(f"--experiment-name {name[:60]!r}{'...' if len(name) > 60 else ''} must be "
+                          "at most 200 letters, digits, '-', '_' or '.' (no slashes, not starting with '.')")

@@ -215,6 +215,7 @@ def cmd_train(ns) -> int:
     cfg.experiment_name = name
     cfg.num_actors = cfg.effective_num_actors        # "auto" resolved and recorded in config.json
     exp = Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
+    _writable_dir(cfg.experiments_dir)
     started = _capacity_preflight(cfg)              # actors that cannot be placed: exit 2
     try:
         with exp.lock():            # a live run of the same name (e.g. under --overwrite): exit 2
@@ -223,6 +224,19 @@ def cmd_train(ns) -> int:
         if started:
             import ray
             ray.shutdown()
+
+
+def _writable_dir(path: str) -> None:
+    """--experiments-dir must be (or be creatable as) a directory this process can write."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UsageError(f"train-neurogym: --experiments-dir {path} is a file, not a directory")
+    probe = p
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"train-neurogym: cannot write in {probe} (--experiments-dir {path}); choose a "
+                         "writable directory")
 
 
 def _capacity_preflight(cfg: TrainConfig) -> bool:
@@ -479,6 +493,13 @@ def main(argv: list[str] | None = None) -> int:
         from driver.experiment import CheckpointError, ExperimentError
         if isinstance(exc, (CheckpointError, ExperimentError)):
             print(f"mpn-dqn: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # a file that cannot be written or read (full disk, read-only, permissions): one line
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"mpn-dqn: error: cannot write or read{where}: {exc.strerror}; free space or fix "
+                  "the permissions, then `resume` continues from the last checkpoint written",
+                  file=sys.stderr)
             return EXIT_USAGE
         raise
 

@@ -66,7 +66,6 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
     res["episodes"] = num_episodes
     res["checkpoint"] = path
     res["trained_episodes"] = ck["counters"].get("episodes")
-    exp.write_json("eval.json", res)
     ideal = res["ideal_accuracy"]
     rows = [
         ("task", f"{cfg.env_name} (dt {cfg.dt})"),
@@ -91,6 +90,11 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
     for k, v in rows:
         log(f"| {k:<{width}} | {v}")
     log("+" + "-" * (width + 2) + "+" + "-" * 52)
+    try:                                   # the table is out first: a failed write loses nothing
+        exp.write_json("eval.json", res)
+    except OSError as exc:
+        log(f"Could not write {exp.dir / 'eval.json'} ({exc.strerror or exc}); the table above is the result")
+        raise
     log(f"Wrote {exp.dir / 'eval.json'}")
     return res
 

@@ -176,6 +176,8 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.actor_versions: list[int] = []
         self.actor_cpu_s = 0.0                   # CPU seconds all actor processes spent acting
         self._init_recovery(resume_from)         # driver/recovery.py: restarts, snapshots
+        from driver.experiment import WriteGuard
+        self.guard = WriteGuard(log)              # periodic writes that fail: reported, retried
 
     # -- roles ---------------------------------------------------------------------------------
     def start_roles(self) -> None:
@@ -273,14 +275,14 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.last = {"t": now, "env": c.env_steps, "upd": c.updates, "train": c.trial_steps_trained,
                      "idle": idle}
         self._live_record(rec)                   # driver/live.py: actor_nodes
-        self.exp.append_metrics(rec)
+        self.guard.attempt("metrics record", lambda: self.exp.append_metrics(rec))
         self.telemetry.log(rec)                  # TensorBoard, Prometheus, heartbeat
         if line:
             self.bar.clear()
             self.log(progress_line(rec, self.target_episodes))
             if rec["accuracy"] is not None and rec["accuracy"] > c.best_accuracy and c.updates > 0:
                 c.best_accuracy = rec["accuracy"]
-                self.save("best_model.pt")
+                self.guard.attempt("best model", lambda: self.save("best_model.pt"))
         self.win = ReportWindow()
         return rec
 
@@ -330,7 +332,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
                     self._report(line=kind == "line")
                 if cadence.checkpoint_due(c.episodes, now):
                     cadence.checkpointed(c.episodes, now)
-                    self.save(f"checkpoint_{c.episodes}.pt")
+                    self.guard.attempt("checkpoint", lambda: self.save(f"checkpoint_{c.episodes}.pt"))
         self.bar.clear()
         self._live_close("interrupted" if interrupted else "finished")
         self.stop_roles()

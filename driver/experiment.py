@@ -35,6 +35,37 @@ class CheckpointError(ExperimentError):
     """A checkpoint file cannot be loaded; the message names the file."""
 
 
+class WriteGuard:
+    """Periodic writes (checkpoints, replay snapshots, metrics records) that fail — a full disk,
+    a read-only remount — are reported once per streak of failures, counted (``io_errors`` in
+    the metrics), and retried at the next interval while training goes on.  The files already
+    written stay intact (every write is atomic).  The final checkpoint is not guarded: if even
+    that cannot be written the run ends with one line and exit 2."""
+
+    def __init__(self, log=print):
+        self.log = log
+        self.errors = 0
+        self.failing: set[str] = set()
+
+    def attempt(self, what: str, fn) -> bool:
+        """Run the write ``fn``; it may return False to say nothing was due (no write made)."""
+        try:
+            wrote = fn()
+        except OSError as exc:
+            self.errors += 1
+            if what not in self.failing:
+                self.failing.add(what)
+                self.log(f"Warning: could not write the {what} ({exc.strerror or exc}); training goes "
+                         "on and tries again at the next interval")
+            return False
+        if wrote is False:
+            return True
+        if what in self.failing:
+            self.failing.discard(what)
+            self.log(f"Writing the {what} works again")
+        return True
+
+
 class Experiment:
     def __init__(self, root: str | os.PathLike, name: str):
         check_experiment_name(name)

@@ -16,7 +16,7 @@ from actors.evaluate import evaluate
 from common.config import TrainConfig
 from common.networks import NetSpec, QNetwork, export_params
 from common.tasks import task_dims
-from driver.experiment import Experiment, load_checkpoint
+from driver.experiment import Experiment, WriteGuard, load_checkpoint
 from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
@@ -184,6 +184,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
     telemetry = Telemetry(exp.dir, runtime="local")     # TensorBoard + heartbeat.json
     t_start = time.time()
     cadence = Cadence(cfg, counters.episodes, t_start, target_episodes)
+    guard = WriteGuard(log)                             # periodic writes that fail: reported, retried
     wall0 = counters.wall_time
     last = {"t": t_start, "env": counters.env_steps, "upd": counters.updates,
             "train": counters.trial_steps_trained}
@@ -207,7 +208,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                 buffer.add_many(trials)
                 counters.trials += len(trials)
                 win.add_trials(trials, learner.version)
-                snaps.tick(sample_rng)                    # every --replay-snapshot-every trials
+                guard.attempt("replay snapshot", lambda: snaps.tick(sample_rng))   # every --replay-snapshot-every trials
             if episodes:
                 win.add_episodes(episodes)
                 counters.episodes += len(episodes)
@@ -249,7 +250,8 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                     replay_size=len(buffer), num_actors=0, extra=learner.plasticity())
                 last = {"t": now, "env": counters.env_steps, "upd": counters.updates,
                         "train": counters.trial_steps_trained}
-                exp.append_metrics(rec)
+                rec["io_errors"] = guard.errors
+                guard.attempt("metrics record", lambda: exp.append_metrics(rec))
                 telemetry.log(rec)
                 if kind == "line":
                     bar.clear()
@@ -257,17 +259,19 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                     if rec["accuracy"] is not None and rec["accuracy"] > counters.best_accuracy \
                             and counters.updates > 0:
                         counters.best_accuracy = rec["accuracy"]
-                        exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "best_model.pt")
+                        guard.attempt("best model", lambda: exp.save_checkpoint(
+                            checkpoint_payload(learner, spec, cfg, counters), "best_model.pt"))
                 win = ReportWindow()
             if cadence.checkpoint_due(counters.episodes, now):
                 cadence.checkpointed(counters.episodes, now)
                 counters.wall_time = wall0 + time.time() - t_start
-                exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters),
-                                    f"checkpoint_{counters.episodes}.pt")
-                snaps.checkpoint(sample_rng)
+                name = f"checkpoint_{counters.episodes}.pt"
+                guard.attempt("checkpoint", lambda: exp.save_checkpoint(
+                    checkpoint_payload(learner, spec, cfg, counters), name))
+                guard.attempt("replay snapshot", lambda: snaps.checkpoint(sample_rng))
     bar.clear()
     collector.close()
     telemetry.close("interrupted" if interrupted else "finished")
     counters.wall_time = wall0 + time.time() - t_start
-    snaps.checkpoint(sample_rng)
+    guard.attempt("replay snapshot", lambda: snaps.checkpoint(sample_rng))
     return finish_run(exp, cfg, spec, learner, counters, interrupted, log=log)

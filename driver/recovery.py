@@ -276,9 +276,9 @@ class RecoveryMixin:
         return lost
 
     def _snapshot_replay(self) -> None:
+        self.snap_trials = self.counters.trials      # also after a failed write: retry at the next interval
         data = self._replay_get("snapshot", _counter_extra(self.counters))
         write_snapshot_file(self.snap_path, data)
-        self.snap_trials = self.counters.trials
         self.replay_snapshots += 1
 
     # -- learner ---------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class RecoveryMixin:
             self.ck_bytes = self._learner_bytes
             self.ck_counters = self.counters.to_dict()
         if name.startswith("checkpoint_") and self.cfg.replay_snapshot_every > 0:
-            self._snapshot_replay()
+            self.guard.attempt("replay snapshot", self._snapshot_replay)
 
     def _tick(self) -> None:
         """Once per driver-loop turn: test fault hooks, periodic replay snapshot."""
@@ -319,17 +319,17 @@ class RecoveryMixin:
             hook(self)
         n = self.cfg.replay_snapshot_every
         if n > 0 and self.counters.trials - self.snap_trials >= n:
-            self._snapshot_replay()
+            self.guard.attempt("replay snapshot", self._snapshot_replay)
 
     def _final_snapshot(self) -> None:
         if self.cfg.replay_snapshot_every > 0:
-            self._snapshot_replay()
+            self.guard.attempt("replay snapshot", self._snapshot_replay)
 
     def _fault_metrics(self) -> dict:
         return {"actor_restarts": self.actor_restarts, "replay_restarts": self.replay_restarts,
                 "learner_restarts": self.learner_restarts,
                 "replay_trials_lost": self.replay_trials_lost(),
-                "replay_snapshots": self.replay_snapshots}
+                "replay_snapshots": self.replay_snapshots, "io_errors": self.guard.errors}
 
 
 def write_resume_json(exp: Experiment, checkpoint: str, counters: dict, snapshot: Path | None,
@@ -381,17 +381,22 @@ class LocalReplaySnapshots:
                      time=time.time())
         for k, v in _counter_extra(self.counters).items():
             state["extra_" + k] = np.int64(v)
+        self.last_trials = self.counters.trials      # also after a failed write: retry at the next interval
         write_snapshot_file(self.path, pack_snapshot(state))
-        self.last_trials = self.counters.trials
 
-    def tick(self, rng: np.random.Generator) -> None:
+    def tick(self, rng: np.random.Generator) -> bool:
+        """A snapshot every --replay-snapshot-every trials; False when none was due."""
         n = self.cfg.replay_snapshot_every
         if n > 0 and self.counters.trials - self.last_trials >= n:
             self.snapshot(rng)
+            return True
+        return False
 
-    def checkpoint(self, rng: np.random.Generator) -> None:
+    def checkpoint(self, rng: np.random.Generator) -> bool:
         if self.cfg.replay_snapshot_every > 0:
             self.snapshot(rng)
+            return True
+        return False
 
 
 __all__ = ["RecoveryMixin", "LocalReplaySnapshots", "load_resume_snapshot", "snapshot_info",

@@ -4,6 +4,7 @@ single-process runtime snapshots its replay buffer and ``resume`` restores it.""
 import json
 import shutil
 import warnings
+import os
 import time
 from pathlib import Path
 
@@ -185,3 +186,59 @@ def test_unbounded_eval_and_an_unreachable_address_are_refused(tmp_path, capsys)
     assert time.time() - t0 < 30
     assert "cannot reach a Ray cluster at 127.0.0.1:1" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "e").exists()
+
+
+def test_failed_periodic_writes_are_reported_counted_and_training_goes_on(tmp_path, capsys, monkeypatch):
+    """A full disk while training (checkpoints and replay snapshots fail with ENOSPC): one
+    warning per kind, `io_errors` in the metrics, training reaches its episode count, and once
+    writing works again the final checkpoint is written."""
+    import errno
+    import replay.snapshot as snapshot_mod
+    import driver.experiment as experiment_mod
+    real = snapshot_mod.write_atomic
+    state = {"full": True}
+
+    def flaky(path, data):
+        if state["full"] and ("checkpoint_" in str(path) or "replay_snapshot" in str(path)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+    monkeypatch.setattr(snapshot_mod, "write_atomic", flaky)
+    monkeypatch.setattr(experiment_mod, "write_atomic", flaky)
+    from driver.local import train_local
+    cfg = TrainConfig(env_name="PerceptualDecisionMaking-v0", num_actors=0, num_episodes=40, envs_per_actor=4,
+                      learning_starts=16, trial_batch_size=8, hidden_dim=16, print_freq=8, checkpoint_freq=8,
+                      replay_snapshot_every=20, eval_trials=0, experiments_dir=str(tmp_path), experiment_name="full")
+    from driver.experiment import Experiment
+    exp = Experiment(tmp_path, "full")
+    exp.create(cfg)
+    logs = []
+    summary = train_local(cfg, exp, log=logs.append)
+    assert summary["episodes"] >= 40
+    warn = [m for m in logs if m.startswith("Warning: could not write")]
+    assert len(warn) == 2 and all("No space left on device" in m for m in warn), warn
+    recs = exp.read_metrics()
+    assert recs[-1]["io_errors"] >= 4
+    assert not list(exp.checkpoint_dir.glob("checkpoint_*.pt"))
+    assert (exp.checkpoint_dir / "final_model.pt").exists()          # final writes are not filtered here
+
+
+def test_an_experiments_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "0",
+                 "--experiments-dir", str(f)]) == 2
+    assert "is a file" in _one_line(capsys.readouterr().err)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "0",
+                     "--experiments-dir", str(ro / "exps")]) == 2
+        assert "cannot write in" in _one_line(capsys.readouterr().err)
+    finally:
+        ro.chmod(0o700)
+    assert main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "0",
+                 "--experiments-dir", str(tmp_path), "--experiment-name", "n" * 300]) == 2
+    assert "at most 200" in _one_line(capsys.readouterr().err)
