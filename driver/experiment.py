@@ -107,6 +107,8 @@ class Experiment:
             shutil.rmtree(self.dir)
         self.checkpoint_dir.mkdir(parents=True)
         cfg.save(str(self.config_path))
+        from driver.results import machine
+        self.write_json("machine.json", machine())       # provenance: where the run trained
 
     @contextlib.contextmanager
     def lock(self, wait_s: float = 0.0):

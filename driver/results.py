@@ -40,6 +40,34 @@ def git_commit(root: str | os.PathLike | None = None) -> str:
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
+def machine() -> dict:
+    """Where a result was measured: CPU count and model, GPU (if any), host name."""
+    import platform
+    import socket
+    info = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "host": socket.gethostname(), "gpu": None}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
+        info["cpu"] = name or info["cpu"]
+    except OSError:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU to report
+        pass
+    return info
+
+
+def _machine_of(exp_dir: Path) -> dict:
+    try:
+        return json.loads((exp_dir / "machine.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return machine()
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     out = []
     if path.exists():
@@ -71,7 +99,7 @@ def row_from_experiment(exp_dir: str | os.PathLike, *, variant: str = "defaults"
     cfg = json.loads((exp_dir / "config.json").read_text())
     row = {"task": cfg["env_name"], "dt": cfg["dt"], "core": cfg["core"], "seed": cfg["seed"],
            "variant": variant, "experiment": str(exp_dir), "commit": commit or git_commit(),
-           "measured_at": time.strftime("%Y-%m-%d %H:%M"), "config": cfg}
+           "measured_at": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine_of(exp_dir), "config": cfg}
     row.update(extra or {})
     summary_path = exp_dir / "summary.json"
     if not summary_path.exists():
@@ -178,6 +206,12 @@ def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = 
               "ceiling. Fixation breaks and premature responses are fractions of test trials.", ""]
     if commands:
         lines += ["Produced by:", ""] + [f"    {c}" for c in commands] + [""]
+    machines = sorted({(m.get("cpus"), m.get("cpu"), m.get("gpu")) for m in
+                       (r.get("machine") or {} for r in rows) if m}, key=str)
+    if machines:
+        lines += ["Measured on: " + "; ".join(f"{c} CPUs ({name})" + (f", GPU {g}" if g else ", no GPU")
+                                              for c, name, g in machines) + " (each row's `machine` "
+                  "in results.json).", ""]
     lines += ["| task | dt | core | variant | seeds | accuracy | % of ceiling (mean, min) | ceiling | "
               "best trivial | fix breaks | premature | time to 95 % (s) | env steps | wall (s) | commit |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
