@@ -311,7 +311,7 @@ class TrainConfig(ConfigBase):
     experiments_dir: str = opt("experiments", "where experiment directories are written")
     overwrite: bool = opt(False, "allow reusing an existing experiment name (deletes it)")
     print_freq: int = opt(250, "episodes between progress lines / metrics records", low=1)
-    record_seconds: float = opt(2.0, "also write a metrics record at least every this many seconds "
+    record_seconds: float = opt(1.0, "also write a metrics record at least every this many seconds "
                                 "of training, between progress lines (0: every --print-freq "
                                 "episodes only)", low=0.0)
     checkpoint_freq: int = opt(1000, "episodes between checkpoints", low=1)

@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train-neurogym options for every trial, after `--` (e.g. -- "
                          "--time-limit-minutes 10 --num-episodes 1000000)")
 
+    pl = sub.add_parser("plot", allow_abbrev=False, help="draw a run's training curves",
+                        description="Write experiments/<name>/plots/training_curves.png from its "
+                        "metrics.jsonl (also while the run goes on): accuracy as % of the ceiling "
+                        "beside the best trivial policy, fixation breaks and premature responses, TD "
+                        "loss against env steps; accuracy, epsilon and throughput against wall time.")
+    pl.add_argument("--experiment-name", required=True, help="experiment to plot")
+    pl.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+
     w = sub.add_parser("watch", allow_abbrev=False, help="live terminal view of a run",
                        description="Refreshing view of a run from its experiment directory: latest "
                        "values and trends (sparklines over the last records) of accuracy, loss, Q, "
@@ -455,6 +463,15 @@ def cmd_analyze(ns) -> int:
     return 0
 
 
+def cmd_plot(ns) -> int:
+    exp = _open(ns)
+    if not exp.metrics_path.exists() or not exp.read_metrics():
+        raise UsageError(f"plot: {exp.name} has no metrics records yet ({exp.metrics_path})")
+    from driver.plots import plot_training
+    print(f"Wrote {plot_training(exp)}")
+    return 0
+
+
 def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
@@ -465,7 +482,7 @@ def cmd_watch(ns) -> int:
 
 COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume,
             "scale": cmd_scale, "watch": cmd_watch, "ceiling": cmd_ceiling,
-            "sweep": cmd_sweep, "analyze": cmd_analyze}
+            "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

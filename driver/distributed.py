@@ -60,8 +60,17 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
     else:
         # this machine's CPUs, not the request: more actors than fit are refused (check_capacity)
         from driver.ray_local import init_local_ray     # every Ray port on 127.0.0.1 only
+        t0 = time.time()
+        log(f"Starting an embedded Ray on 127.0.0.1 ({os.cpu_count() or 1} CPUs) ...")
         init_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
+        log(f"Ray started in {time.time() - t0:.1f} s")
     return True
+
+
+def _explain_overshoot(episodes: int, target: int, envs: int, log) -> None:
+    if episodes > target:
+        log(f"Stopped at episode {episodes} of {target}: the {envs} envs of an actor finish their "
+            "episodes together, so the last step can complete a few more than asked")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -293,6 +302,9 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.wall0 = c.wall_time
         self.steps0 = c.trial_steps_trained
         self.start_roles()
+        self.log(f"Replay server, learner and {len(self.actors)} actor(s) started in "
+                 f"{time.time() - self.t_start:.1f} s; filling replay: learning starts after "
+                 f"{cfg.learning_starts} trials")
         self._live_start()                       # driver/live.py: telemetry, heartbeat, scaling
         self.win = ReportWindow()
         self.status = {"version": self.weights[0], "updates": c.updates, "trial_steps": 0, "idle_s": 0.0}
@@ -302,6 +314,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         cadence = Cadence(cfg, c.episodes, self.t_start, self.target_episodes)
         self.bar = ProgressBar(self.target_episodes, c.episodes)
         deadline = self.t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+        self.bar.deadline = deadline
         last_status = 0.0
         interrupted = None
         with Stop() as stop:
@@ -322,18 +335,19 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
                 self._tick()                     # replay snapshot due? (and test fault hooks)
                 self._live_tick()                # scale requests (control.json), heartbeat
                 now = time.time()
-                kind = cadence.record_due(c.episodes, now, self.target_episodes)
+                kind = cadence.record_due(c.episodes, now, self.target_episodes, c.trials)
                 if kind or now - last_status > STATUS_PERIOD_S:
                     last_status = now
                     self._poll()
                 self.bar.update(c.episodes)
                 if kind:
-                    cadence.recorded(kind, c.episodes, now)
+                    cadence.recorded(kind, c.episodes, now, c.trials)
                     self._report(line=kind == "line")
                 if cadence.checkpoint_due(c.episodes, now):
                     cadence.checkpointed(c.episodes, now)
                     self.guard.attempt("checkpoint", lambda: self.save(f"checkpoint_{c.episodes}.pt"))
         self.bar.clear()
+        _explain_overshoot(c.episodes, self.target_episodes, cfg.envs_per_actor, self.log)
         self._live_close("interrupted" if interrupted else "finished")
         self.stop_roles()
         self._poll()

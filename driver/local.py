@@ -191,7 +191,10 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
     trials_at_learning_start = None
     updates_at_learning_start = counters.updates
     deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+    bar.deadline = deadline
     interrupted = None
+    if len(buffer) < cfg.learning_starts:
+        log(f"Filling replay: learning starts after {cfg.learning_starts} trials")
     with Stop() as stop:
         while counters.episodes < target_episodes:
             if stop.requested or (deadline is not None and time.time() > deadline):
@@ -236,9 +239,9 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                         collector.set_params(params, version)
             bar.update(counters.episodes)
             now = time.time()
-            kind = cadence.record_due(counters.episodes, now, target_episodes)
+            kind = cadence.record_due(counters.episodes, now, target_episodes, counters.trials)
             if kind:
-                cadence.recorded(kind, counters.episodes, now)
+                cadence.recorded(kind, counters.episodes, now, counters.trials)
                 dtime = max(1e-9, now - last["t"])
                 counters.wall_time = wall0 + now - t_start
                 rec = make_record(
@@ -270,6 +273,8 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                     checkpoint_payload(learner, spec, cfg, counters), name))
                 guard.attempt("replay snapshot", lambda: snaps.checkpoint(sample_rng))
     bar.clear()
+    from driver.distributed import _explain_overshoot
+    _explain_overshoot(counters.episodes, target_episodes, cfg.envs_per_actor, log)
     collector.close()
     telemetry.close("interrupted" if interrupted else "finished")
     counters.wall_time = wall0 + time.time() - t_start

@@ -38,24 +38,32 @@ class Cadence:
     def __init__(self, cfg, episodes: int, now: float, target: int):
         self.cfg = cfg
         self.next_line = (episodes // cfg.print_freq + 1) * cfg.print_freq
-        self.step = max(1, target // 100)
-        self.next_record = (episodes // self.step + 1) * self.step
+        # 1 % of the run, counted in trials (they arrive more often than whole episodes)
+        self.step = max(1, target * getattr(cfg, "trials_per_episode", 1) // 100)
+        self.next_record = self.step
         self.next_ckpt = (episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
         self.t_record = self.t_ckpt = now
         self.ep_record = episodes
+        self.trials_record = 0
 
-    def record_due(self, episodes: int, now: float, target: int) -> str | None:
-        """"line" (a record with a progress line), "record" (a record only) or None."""
+    def record_due(self, episodes: int, now: float, target: int, trials: int | None = None) -> str | None:
+        """"line" (a record with a progress line), "record" (a record only) or None.  A
+        record by time needs new trials since the last one (``trials``; else new episodes)."""
         if episodes >= self.next_line or episodes >= target:
             return "line"
-        if episodes >= self.next_record or (self.cfg.record_seconds > 0 and episodes > self.ep_record
+        fresh = (trials > self.trials_record) if trials is not None else (episodes > self.ep_record)
+        done = trials if trials is not None else episodes * getattr(self.cfg, "trials_per_episode", 1)
+        if done >= self.next_record or (self.cfg.record_seconds > 0 and fresh
                                             and now - self.t_record >= self.cfg.record_seconds):
             return "record"
         return None
 
-    def recorded(self, kind: str, episodes: int, now: float) -> None:
+    def recorded(self, kind: str, episodes: int, now: float, trials: int | None = None) -> None:
         self.t_record, self.ep_record = now, episodes
-        self.next_record = (episodes // self.step + 1) * self.step
+        if trials is not None:
+            self.trials_record = trials
+        done = trials if trials is not None else episodes * getattr(self.cfg, "trials_per_episode", 1)
+        self.next_record = (done // self.step + 1) * self.step
         if kind == "line":
             self.next_line = (episodes // self.cfg.print_freq + 1) * self.cfg.print_freq
 
@@ -199,8 +207,10 @@ def progress_line(rec: dict, num_episodes: int) -> str:
 class ProgressBar:
     """A one-line bar with ETA on stderr (only when stderr is a terminal, or when forced)."""
 
-    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool | None = None):
+    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool | None = None,
+                 deadline: float | None = None):
         self.total = total
+        self.deadline = deadline                 # --time-limit-minutes: the ETA never exceeds it
         self.start_value = start
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
@@ -218,6 +228,8 @@ class ProgressBar:
         done = value - self.start_value
         rate = done / max(1e-9, now - self.t0)
         eta = (self.total - value) / rate if rate > 0 else float("inf")
+        if self.deadline is not None:
+            eta = min(eta, max(0.0, self.deadline - now))
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         eta_s = "--:--" if eta == float("inf") else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
         self.stream.write(f"\r[{bar}] {value}/{self.total} episodes  ETA {eta_s} ")

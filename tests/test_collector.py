@@ -337,16 +337,19 @@ def test_exploration_is_defined_per_task_time():
 def test_records_come_every_percent_of_the_run_and_every_few_seconds():
     from types import SimpleNamespace
     from driver.progress import Cadence
-    cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0)
-    c = Cadence(cfg, 0, now=0.0, target=300)
+    cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0,
+                          trials_per_episode=10)
+    c = Cadence(cfg, 0, now=0.0, target=300)                   # 3000 trials: a record every 30
     kinds = []
     for ep in range(1, 301):
-        k = c.record_due(ep, now=ep * 0.01, target=300)
+        k = c.record_due(ep, now=ep * 0.01, target=300, trials=10 * ep)
         if k:
-            c.recorded(k, ep, ep * 0.01)
+            c.recorded(k, ep, ep * 0.01, trials=10 * ep)
             kinds.append(k)
-    assert len(kinds) == 101 and kinds.count("line") == 2          # every 3rd episode, plus the line at 250
+    assert len(kinds) == 101 and kinds.count("line") == 2      # every 3rd episode, plus the line at 250
     c = Cadence(cfg, 0, now=0.0, target=10**6)
-    assert c.record_due(5, now=1.0, target=10**6) is None
-    assert c.record_due(5, now=2.5, target=10**6) == "record"      # by time
+    assert c.record_due(5, now=1.0, target=10**6, trials=50) is None
+    assert c.record_due(5, now=2.5, target=10**6, trials=50) == "record"      # by time
+    c.recorded("record", 5, 2.5, trials=50)
+    assert c.record_due(5, now=5.0, target=10**6, trials=50) is None           # nothing new to record
     assert not c.checkpoint_due(5, now=59.0) and c.checkpoint_due(5, now=61.0)
