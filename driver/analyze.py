@@ -95,7 +95,7 @@ def _first_answer(rec, i: int, start: int = 0) -> tuple[int, int]:
 
 
 def _psychometric(rec, path: Path, title: str) -> dict:
-    obs_names, act_names = rec.meta["observation_names"], rec.meta["action_names"]
+    obs_names = rec.meta["observation_names"]
     stim = obs_names.get("stimulus")
     if "cond_coh" not in rec.arrays or not isinstance(stim, list) or len(stim) != 2:
         raise _Skip("the task has no single signed evidence variable (a coherence on two stimulus channels)")

@@ -4,11 +4,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import numpy as np
-
 from actors.evaluate import evaluate
-from common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
-from common.tasks import make_env
+from common.networks import NetSpec, QNetwork, export_params
 from driver.experiment import Experiment, load_checkpoint
 
 
@@ -99,51 +96,26 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
     return res
 
 
-def record_episode(spec: NetSpec, params: dict, env_name: str, dt: int, num_trials: int, seed: int) -> dict:
-    """Greedy rollout of one env for ``num_trials`` trials (after the spoiled first one)."""
-    env = make_env(env_name, dt, seed=seed + 2_000_000)
-    u = env.unwrapped
-    obs, _ = env.reset(seed=seed)
-    policy = NumpyPolicy(spec, params)
-    state = np.zeros((1, spec.state_size), np.float32)
-    rows = {"obs": [], "action": [], "gt": [], "q": [], "state": [], "reward": [], "trial_end": []}
-    started = False
-    trials = 0
-    for _ in range(200_000):
-        q = policy.step(obs[None].astype(np.float32), state)
-        a = int(q[0].argmax())
-        gt = int(u.gt_now)
-        obs2, r, _, _, info = env.step(a)
-        if started:
-            rows["obs"].append(np.asarray(obs, np.float32))
-            rows["action"].append(a)
-            rows["gt"].append(gt)
-            rows["q"].append(q[0].copy())
-            rows["state"].append(state[0].copy())
-            rows["reward"].append(float(r))
-            rows["trial_end"].append(bool(info.get("new_trial", False)))
-        obs = obs2
-        if info.get("new_trial", False):
-            if not started:
-                started = True
-                state[:] = 0.0          # the episode starts after the spoiled first trial
-            else:
-                trials += 1
-                if trials >= num_trials:
-                    break
-    env.close()
-    return {k: np.array(v) for k, v in rows.items()}
-
-
 def run_render(exp: Experiment, *, output: str, checkpoint: str | None, seed: int,
                max_trials: int | None, fps: int, log=print) -> str:
+    import tempfile
+    from pathlib import Path
+    from common.analysis import load_record, record_trials, save_record
+    from common.ceiling import ceiling_for
+    from driver.render import write_gif
     cfg = exp.load_config()
     spec, params, _, path = load_policy_params(exp, checkpoint)
-    ep = record_episode(spec, params, cfg.env_name, cfg.dt, max_trials or cfg.trials_per_episode, seed)
-    from driver.render import write_gif
-    n = write_gif(ep, spec, output, title=f"{cfg.env_name} dt={cfg.dt} ({exp.name})", fps=fps)
-    log(f"Wrote {output}: {n} frames, {int(ep['trial_end'].sum())} trials, "
-        f"{int(sum(1 for a, g, e, r in zip(ep['action'], ep['gt'], ep['trial_end'], ep['reward']) if e and r > 0))} rewarded")
+    n_trials = max_trials or cfg.trials_per_episode
+    arrays = record_trials(spec, params, cfg.env_name, cfg.dt, num_trials=n_trials,
+                           trials_per_episode=max(n_trials, cfg.trials_per_episode), seed=seed, num_envs=1)
+    with tempfile.TemporaryDirectory() as tmp:              # the same Record type analyze reads
+        rec = load_record(save_record(arrays, Path(tmp) / "episode.npz"))
+    ceil = ceiling_for(cfg.env_name, cfg.dt)
+    correct = int(rec["trial_correct"].sum())
+    title = (f"{cfg.env_name} (dt {cfg.dt} ms, {spec.core}) — {exp.name}: {correct}/{rec.num_trials} "
+             f"trials correct; ceiling {ceil['ceiling']:.3f} ({ceil['ceiling_source']})")
+    n = write_gif(rec, output, title=title, fps=fps)
+    log(f"Wrote {output}: {n} frames, {rec.num_trials} trials, {correct} correct")
     return output
 
 
