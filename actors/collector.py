@@ -284,18 +284,6 @@ class TrialCollector:
             self.ring_n[k] = 0
             self.prev_burnin[k] = None
 
-    def collect(self, min_trials: int = 1, max_steps: int = 1_000_000):
-        """Step until at least ``min_trials`` trials completed (or ``max_steps`` lockstep steps)."""
-        trials: list[Trial] = []
-        episodes: list[EpisodeStats] = []
-        for _ in range(max_steps):
-            t, e = self.step()
-            trials.extend(t)
-            episodes.extend(e)
-            if len(trials) >= min_trials:
-                break
-        return trials, episodes
-
     def close(self) -> None:
         for env in self.envs:
             env.close()

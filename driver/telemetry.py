@@ -122,7 +122,6 @@ class Telemetry:
         self._last_counts: dict[str, float] = {}
         self._hb: dict = {"pid": os.getpid(), "host": socket.gethostname(), "runtime": runtime,
                           "started": time.time()}
-        self.points = 0
         self.closed = False
         # a driver that dies of an exception leaves "exited" rather than a stale "running"
         ref = weakref.ref(self)
@@ -175,7 +174,6 @@ class Telemetry:
                 self._safe(self.counters[key].inc, delta, {"role": role, "experiment": self.experiment})
         if self.writer is not None:
             self._safe(self.writer.flush)
-        self.points += 1
         self.heartbeat("running", episode=record.get("episode"), num_actors=record.get("num_actors"))
 
     def _safe(self, fn, *args) -> None:

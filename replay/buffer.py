@@ -298,11 +298,6 @@ class TrialBuffer:
         """Trials evicted (oldest first) to make room."""
         return self._evicted
 
-    @property
-    def step_capacity(self) -> int:
-        """Current size of the step ring (grows on demand)."""
-        return self._step_cap
-
     def nbytes(self) -> int:
         """Bytes allocated by the buffer's arrays."""
         arrays = (*self._step_arrays(), self._offset, self._length, self._init_state,

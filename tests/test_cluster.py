@@ -64,7 +64,7 @@ def test_cluster_yaml_has_what_ray_up_needs():
     actors = [t for n, t in types.items() if n != cfg["head_node_type"]]
     assert actors and all(t["resources"].get("GPU", 0) == 0 and t["resources"]["CPU"] >= 1
                           for t in actors)
-    assert sum(t["max_workers"] for t in actors) <= cfg["max_workers"] or cfg["max_workers"] >= 1
+    assert 1 <= sum(t["max_workers"] for t in actors) <= cfg["max_workers"]
     # torch is installed before the project, the CPU wheel on the actor nodes
     for key, want in (("head_setup_commands", None), ("worker_setup_commands", "whl/cpu")):
         cmds = cfg[key]

@@ -39,11 +39,12 @@ def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
     cpu = [r["actor_cpu_s"] for r in recs]                       # actors' own CPU time, cumulative
     assert cpu == sorted(cpu) and 0 < cpu[-1] < 2 * last["wall_time"] + 1
     assert any(r["replay_size"] > 0 for r in recs)
-    assert summary["updates"] == last["updates"] or summary["updates"] >= last["updates"]
+    assert summary["updates"] >= last["updates"]                 # the last record is not the end
     assert (exp.checkpoint_dir / "final_model.pt").exists()
     ck = load_checkpoint(exp.checkpoint_dir / "final_model.pt")
     assert ck["counters"]["episodes"] >= 48
-    assert 0.0 <= summary["final_eval"]["accuracy"] <= 1.0
+    ev = summary["final_eval"]                                    # a fraction of whole trials
+    assert ev["trials"] >= cfg.eval_trials and abs(ev["accuracy"] * ev["trials"] - round(ev["accuracy"] * ev["trials"])) < 1e-6
     assert any(line.startswith("Ep ") for line in lines)
     # the session is still ours (the driver must not shut down a Ray it did not start)
     assert ray_session.is_initialized()
