@@ -200,6 +200,10 @@ def test_sample_uniform_and_rng():
     assert set(part.sample(500).slots.tolist()) == set(range(6))   # only filled slots
 
 
+# ----------------------------------------------------------------------------- memory
+
+@pytest.mark.parametrize("lengths, burnin", [((145, 465), 0), ((14, 40), 0), ((14, 40), 10),
+                                             ((145, 465), 10)])
 def test_memory_within_1_5x_payload(lengths, burnin):
     cap, O, S = 200, 5, 6 * 128
     buf = TrialBuffer(cap, O, S, max_burnin=burnin)
