@@ -17,18 +17,10 @@ from actors.collector import TrialCollector
 from common.codec import decode_params, encode_trials
 from common.config import TrainConfig
 from common.networks import NetSpec
-from driver.progress import epsilon_at, epsilon_per_step
+from common.exploration import actor_epsilon, epsilon_at, epsilon_per_step
 
 
 INSERT_TIMEOUT_S = 30.0
-
-
-def actor_epsilon(base: float, actor_id: int, num_actors: int, alpha: float = 1.0) -> float:
-    """Ape-X style: actor i explores with ``base ** (1 + alpha * i / (N - 1))`` (actor 0 uses
-    the schedule itself, the others explore less)."""
-    if num_actors <= 1 or base <= 0:
-        return base
-    return base ** (1.0 + alpha * actor_id / (num_actors - 1))
 
 
 class ActorWorker:

@@ -29,7 +29,8 @@ from driver.experiment import Experiment, load_checkpoint
 from driver.local import Stop, build_spec, finish_run
 from driver.recovery import RecoveryMixin
 from driver.live import LiveControlMixin
-from driver.progress import Cadence, Counters, ProgressBar, ReportWindow, epsilon_at, make_record, progress_line
+from common.exploration import epsilon_at
+from driver.progress import Cadence, Counters, ProgressBar, ReportWindow, make_record, progress_line
 from learner.learner import Learner
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

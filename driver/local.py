@@ -20,8 +20,8 @@ from driver.experiment import Experiment, WriteGuard, load_checkpoint
 from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
-from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, epsilon_at, epsilon_per_step, make_record,
-                             progress_line)
+from common.exploration import epsilon_at, epsilon_per_step
+from driver.progress import Cadence, Counters, ProgressBar, ReportWindow, make_record, progress_line
 from learner.diagnostics import replay_staleness
 from learner.learner import Learner
 from replay.buffer import TrialBuffer

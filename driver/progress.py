@@ -11,20 +11,6 @@ from common.ceiling import ceiling_for, pct_of_ceiling
 from common.tasks import pct_of_ideal
 
 
-def epsilon_at(env_steps: int, start: float, end: float, decay_steps: int, dt: int = 100) -> float:
-    """ε per 100 ms of task time after ``env_steps`` steps of ``dt`` ms: a linear decay over
-    ``decay_steps`` × 100 ms of task time (env steps at dt 100), then constant."""
-    frac = min(1.0, env_steps * (dt / 100.0) / max(1, decay_steps))
-    return start + (end - start) * frac
-
-
-def epsilon_per_step(epsilon: float, dt: int) -> float:
-    """The per-step probability of a random action that explores as often per unit of task time
-    as ``epsilon`` per 100 ms: 1 - (1 - ε)^(dt/100); the same at dt 100, ~ε/10 at dt 10 (where
-    ε per step would break a 1 s fixation in most exploring trials)."""
-    return 1.0 - (1.0 - epsilon) ** (dt / 100.0)
-
-
 class Cadence:
     """When a metrics record, a progress line and a checkpoint are due, in both runtimes.
 

@@ -325,7 +325,7 @@ def test_exploration_is_defined_per_task_time():
     """ε is a probability per 100 ms of task time and decays over task time: at dt 10 a step
     explores with 1 - (1 - ε)^0.1, and the schedule takes 10x the steps; at dt 100 both are the
     plain per-step values."""
-    from driver.progress import epsilon_at, epsilon_per_step
+    from common.exploration import epsilon_at, epsilon_per_step
     assert epsilon_per_step(0.3, 100) == pytest.approx(0.3)
     p10 = epsilon_per_step(0.3, 10)
     assert 1 - (1 - p10) ** 10 == pytest.approx(0.3)            # 10 steps of 10 ms = 100 ms

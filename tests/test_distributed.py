@@ -66,7 +66,7 @@ def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
 
 
 def test_epsilon_spread_follows_the_active_actors_after_scale():
-    from actors.worker import actor_epsilon
+    from common.exploration import actor_epsilon
     from driver.distributed import epsilon_spread
     one = epsilon_spread(["a"], {})
     assert one == {0: (0, 1)}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from driver.experiment import Experiment, load_checkpoint
-from driver.progress import epsilon_at
+from common.exploration import epsilon_at
 from driver.recovery import snapshot_info, snapshot_path
 from replay.snapshot import read_snapshot_file
 
