@@ -315,6 +315,10 @@ class TrainConfig(ConfigBase):
                                 "of training, between progress lines (0: every --print-freq "
                                 "episodes only)", low=0.0)
     checkpoint_freq: int = opt(1000, "episodes between checkpoints", low=1)
+    staleness_every: int = opt(0, "single process: every this many learner updates, measure how far "
+                               "the state replay starts a trial from is from the state the current "
+                               "network would hold there (mean |dQ| over 8 trials; not with burn-in "
+                               "replay; 0: off)", low=0)
     checkpoint_minutes: float = opt(1.0, "also checkpoint at least every this many minutes of "
                                     "training (0: every --checkpoint-freq episodes only)", low=0.0)
     eval_trials: int = opt(500, "greedy evaluation trials at the end of training (0: skip)",

@@ -27,7 +27,6 @@ from learner.learner import Learner
 from replay.buffer import TrialBuffer
 
 PUBLISH_EVERY_UPDATES = 10      # single process: actors see new weights every 10 updates
-STALENESS_EVERY_UPDATES = 250   # R2D2 staleness of the replayed state, on 8 trials
 
 
 def _eval_line(ev: dict) -> str:
@@ -177,6 +176,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                          max_burnin=cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0,
                          seed=cfg.seed + counters.episodes)
     sample_rng = np.random.default_rng([cfg.seed, counters.updates])
+    stale_rng = np.random.default_rng([cfg.seed, counters.updates, 0x57A1E])   # the diagnostic's own draws
     snaps = LocalReplaySnapshots(exp, cfg, buffer, counters, log)   # driver/recovery.py
     sample_rng = snaps.restore(sample_rng, resume_from)   # resume: the replay snapshot, if any
     win = ReportWindow()
@@ -229,9 +229,10 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                     counters.trial_steps_trained += int(batch.mask.sum())
                     if counters.updates % 5 == 0:
                         win.add_learner_stats(stats)
-                    if counters.updates % STALENESS_EVERY_UPDATES == 0:
-                        st = replay_staleness(learner.online, buffer.episode_prefixes(8, sample_rng),
-                                              "zero" if cfg.replay_init == "zero" else "stored")
+                    if cfg.staleness_every and cfg.replay_init != "burn-in" \
+                            and counters.updates % cfg.staleness_every == 0:
+                        st = replay_staleness(learner.online, buffer.episode_prefixes(8, stale_rng),
+                                              cfg.replay_init)
                         if st:
                             win.staleness.append(st)
                     if counters.updates % PUBLISH_EVERY_UPDATES == 0:

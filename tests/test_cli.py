@@ -376,3 +376,22 @@ def test_an_empty_experiment_name_is_refused(tmp_path, capsys):
     assert main([*TRAIN, "--experiments-dir", str(tmp_path), "--experiment-name", ""]) == 2
     assert "--experiment-name ''" in _one_line(capsys.readouterr().err)     # not a random name
     assert not any(tmp_path.iterdir())
+
+
+def test_the_replay_staleness_diagnostic_is_opt_in_and_leaves_training_draws_alone(tmp_path):
+    """With --staleness-every the metrics carry the R2D2 staleness of replay's start state; it draws
+    from its own RNG, so the training run is the same draw for draw as one without it."""
+    from driver.experiment import Experiment
+    from driver.local import train_local
+    runs = {}
+    for name, every in (("off", 0), ("on", 5)):
+        cfg = TrainConfig(env_name=PDM, num_actors=0, num_episodes=24, envs_per_actor=4, learning_starts=16,
+                          trial_batch_size=8, hidden_dim=16, print_freq=8, eval_trials=0, staleness_every=every,
+                          experiments_dir=str(tmp_path), experiment_name=name, record_seconds=0)
+        exp = Experiment(tmp_path, name)
+        exp.create(cfg)
+        train_local(cfg, exp, log=lambda m: None)
+        runs[name] = exp.read_metrics()
+    assert not any(r.get("staleness_q_gap") is not None for r in runs["off"])
+    assert any(r.get("staleness_q_gap") is not None for r in runs["on"])
+    assert [r["loss"] for r in runs["off"]] == [r["loss"] for r in runs["on"]]
