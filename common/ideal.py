@@ -13,6 +13,10 @@ the task no agent can learn: noise, ties, or a ground truth drawn at random from
   with that probability; the best answer is the more likely one, right with max(p, 1 - p).
 - IntervalDiscrimination: the answer is the longer of two intervals; the agent sees each as a
   number of steps, so intervals that round to the same count are a coin flip.
+- HierarchicalReasoning: the rule (which the agent must report in the rule period and which
+  decides the right choice) alternates in blocks of 10-20 trials and is never shown: both rule
+  channels read 1 alike.  An agent that sees observations (and no rewards) has a posterior of
+  one half on the rule in every trial, so the best it can do is 0.5.
 - MultiSensoryIntegration: two noisy modalities, each a cosine bump of unknown strength
   (coherence 5, 15 or 50 split at random between them); the posterior integrates over
   that split on a grid.
@@ -36,6 +40,14 @@ def _probabilistic(env) -> float:
 def _intervals(env) -> float:
     ob = np.asarray(env.ob)
     return 0.5 if np.isclose(ob[:, 1].sum(), ob[:, 2].sum()) else 1.0
+
+
+def _hierarchical(env) -> float:
+    ob = np.asarray(env.ob)
+    rule = ob[env.start_ind["rule_target"]:env.end_ind["rule_target"], 1:3]
+    if rule.size and not np.allclose(rule[:, 0], rule[:, 1]):
+        raise ValueError("HierarchicalReasoning shows the rule here; the observer assumes it does not")
+    return 0.5
 
 
 _PROP_GRID = (np.arange(200) + 0.5) / 200          # coh_prop ~ U(0, 1)
@@ -68,6 +80,7 @@ OBSERVERS = {
     "ProbabilisticReasoning-v0": _probabilistic,
     "IntervalDiscrimination-v0": _intervals,
     "MultiSensoryIntegration-v0": _multisensory,
+    "HierarchicalReasoning-v0": _hierarchical,
 }
 
 

@@ -85,3 +85,10 @@ def test_the_multisensory_bayes_observer_beats_summing_the_modalities():
         d = (stim[:, 1] - stim[:, 2]).sum() + (stim[:, 3] - stim[:, 4]).sum()
         naive.append(float((0 if d > 0 else 1) == u.trial["ground_truth"]))
     assert np.mean(naive) - 0.02 <= np.mean(post) < 0.97
+
+
+def test_hierarchical_reasoning_never_shows_its_rule_so_its_ceiling_is_one_half():
+    """The rule decides the answer but both rule channels read alike in every trial (the observer
+    raises otherwise), so without rewards as input nothing beats a coin flip on the rule."""
+    from common.ideal import observe
+    assert observe("HierarchicalReasoning-v0", 100, trials=400, seed=2)["accuracy"] == 0.5
