@@ -161,8 +161,16 @@ def _fmt(x, spec=".3f", none="-"):
     return none if x is None else format(x, spec)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """One line per (task, dt, core, variant): statistics over its seeds."""
+def current_ceilings(rows: list[dict]) -> dict:
+    """The ceiling of each (task, dt) as ``python main.py ceiling`` measures it now (cached)."""
+    from common.ceiling import ceiling_for
+    return {(t, dt): ceiling_for(t, dt) for t, dt in sorted({(r["task"], r["dt"]) for r in rows})}
+
+
+def summarize(rows: list[dict], ceilings: dict | None = None) -> list[dict]:
+    """One line per (task, dt, core, variant): statistics over its seeds.  With ``ceilings``
+    ({(task, dt): ceiling_for(...)}) % of ceiling uses them, else each row's own."""
+    from common.ceiling import learnable, pct_of_ceiling
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["dt"], r["core"], r["variant"]), []).append(r)
@@ -170,8 +178,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (task, dt, core, variant), rs in sorted(groups.items()):
         ok = [r for r in rs if r.get("status") == "ok"]
         accs = [r["accuracy"] for r in ok]
-        pcts = [r["pct_ceiling"] for r in ok if r.get("pct_ceiling") is not None]
-        t95 = [r["time_to_95_s"] for r in ok if r.get("time_to_95_s") is not None]
+        ceil = (ceilings or {}).get((task, dt))
+        if ceil is not None:
+            pcts = [pct_of_ceiling(r["accuracy"], ceil) for r in ok] if learnable(ceil) else []
+        else:
+            pcts = [r["pct_ceiling"] for r in ok if r.get("pct_ceiling") is not None]
+        if ceil is not None and learnable(ceil):      # against the current ceiling, from the curve
+            t95 = [time_to_pct([{"wall_time": w, "env_steps": e, "accuracy": a} for w, e, a in r.get("curve") or []],
+                               ceil["ceiling"])["time_to_95_s"] for r in ok]
+            t95 = [t for t in t95 if t is not None]
+        else:
+            t95 = [r["time_to_95_s"] for r in ok if r.get("time_to_95_s") is not None]
 
         def mean(key):
             xs = [r[key] for r in ok if r.get(key) is not None]
@@ -183,7 +200,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
             "pct_ceiling": statistics.fmean(pcts) if pcts else None,
             "pct_ceiling_min": min(pcts) if pcts else None,
-            "ceiling": ok[0].get("ceiling") if ok else None,
+            "ceiling": ceil["ceiling"] if ceil is not None else (ok[0].get("ceiling") if ok else None),
             "learnable": bool(pcts) or not ok,
             "best_trivial": mean("best_trivial"), "fix_break_rate": mean("fix_break_rate"),
             "premature_rate": mean("premature_rate"),
@@ -194,14 +211,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = ()) -> str:
+def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = (),
+             ceilings: dict | None = None) -> str:
     lines = [f"# {title}", ""]
     lines += ["Each row is one task, core and variant (options beyond the defaults) over the seeds "
               "listed. Accuracy is that of the model each run hands over (`selected_model.pt`) on "
               f"{_eval_trials(rows)} greedy test trials, mean ± standard deviation over seeds; % of "
               "ceiling is against the ideal observer where one is known, else the ground-truth "
-              "oracle (`python main.py ceiling`), and is blank where the ceiling does not beat the best "
-              "trivial policy. Time to 95 % is the median over the seeds that reached it of the wall "
+              "oracle (`python main.py ceiling`, as it measures the task now), and reads \"not learnable "
+              "as registered\" where the ceiling does not beat the best trivial policy. Time to 95 % is the median over the seeds that reached it of the wall "
               "time at which the training-trial accuracy (with exploration) first reached 95 % of the "
               "ceiling. Fixation breaks and premature responses are fractions of test trials.", ""]
     if commands:
@@ -215,7 +233,7 @@ def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = 
     lines += ["| task | dt | core | variant | seeds | accuracy | % of ceiling (mean, min) | ceiling | "
               "best trivial | fix breaks | premature | time to 95 % (s) | env steps | wall (s) | commit |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summarize(rows):
+    for s in summarize(rows, ceilings):
         acc = "failed" if s["accuracy"] is None else (
             _fmt(s["accuracy"]) + (f" ± {s['accuracy_sd']:.3f}" if s["accuracy_sd"] is not None else ""))
         pct = ("not learnable as registered" if not s["learnable"] else
@@ -300,7 +318,8 @@ def write_report(results_dir: str | os.PathLike, new_rows: list[dict], *, title:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, path)
-    (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands))
+    (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands,
+                                                     ceilings=current_ceilings(rows)))
     plot = plot_curves(rows, results_dir / "learning_curves.png")
     return {"results_json": str(path), "results_md": str(results_dir / "results.md"),
             "plot": str(plot) if plot else None, "rows": len(rows)}
