@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--experiment-name", required=True, help="experiment to plot")
     pl.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
 
+    rs = sub.add_parser("results", allow_abbrev=False, help="rebuild results.md and the curves from results.json",
+                        description="Regenerate <results-dir>/results.md and learning_curves.png from the "
+                        "rows in <results-dir>/results.json (written by sweep), with % of ceiling against "
+                        "the ceilings as `ceiling` measures them now.")
+    rs.add_argument("--results-dir", default="docs", help="(default: docs)")
+    rs.add_argument("--title", default="Results", help="title of results.md (default: Results)")
+
     w = sub.add_parser("watch", allow_abbrev=False, help="live terminal view of a run",
                        description="Refreshing view of a run from its experiment directory: latest "
                        "values and trends (sparklines over the last records) of accuracy, loss, Q, "
@@ -472,6 +479,21 @@ def cmd_plot(ns) -> int:
     return 0
 
 
+def cmd_results(ns) -> int:
+    from pathlib import Path
+    from driver.results import load_rows, write_report
+    path = Path(ns.results_dir) / "results.json"
+    try:
+        rows = load_rows(path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"results: {exc}") from exc
+    if not rows:
+        raise UsageError(f"results: {path} holds no rows (run `sweep --results-dir {ns.results_dir}` first)")
+    out = write_report(ns.results_dir, [], title=ns.title)
+    print(f"Wrote {out['results_md']} ({out['rows']} rows)" + (f" and {out['plot']}" if out["plot"] else ""))
+    return 0
+
+
 def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
@@ -482,7 +504,8 @@ def cmd_watch(ns) -> int:
 
 COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render, "resume": cmd_resume,
             "scale": cmd_scale, "watch": cmd_watch, "ceiling": cmd_ceiling,
-            "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot}
+            "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot,
+            "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

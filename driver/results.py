@@ -253,7 +253,7 @@ def _eval_trials(rows: list[dict]) -> str:
     return "/".join(map(str, ns)) if ns else "the"
 
 
-def plot_curves(rows: list[dict], path: str | os.PathLike) -> Path | None:
+def plot_curves(rows: list[dict], path: str | os.PathLike, ceilings: dict | None = None) -> Path | None:
     """Training-trial accuracy against wall time per task: mean over seeds, min-max band, per
     core and variant; the ceiling and 95 % of it dashed."""
     import matplotlib
@@ -282,12 +282,14 @@ def plot_curves(rows: list[dict], path: str | os.PathLike) -> Path | None:
             if len(rs) > 1:
                 ax.fill_between(grid, lo, hi, alpha=0.2,
                                 color=line.get_color())
-        ceil = sel[0].get("ceiling")
+        now = (ceilings or {}).get((task, dt))
+        ceil = now["ceiling"] if now else sel[0].get("ceiling")
         if ceil:
             ax.axhline(ceil, color="g", ls="--", lw=0.8)
             ax.axhline(0.95 * ceil, color="g", ls=":", lw=0.8)
-        if sel[0].get("best_trivial") is not None:
-            ax.axhline(sel[0]["best_trivial"], color="gray", ls=":", lw=0.8)
+        trivial = now["best_trivial"]["accuracy"] if now else sel[0].get("best_trivial")
+        if trivial is not None:
+            ax.axhline(trivial, color="gray", ls=":", lw=0.8)
         ax.set_title(f"{task.removesuffix('-v0')} (dt {dt})", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("wall time (s)", fontsize=8)
@@ -318,8 +320,8 @@ def write_report(results_dir: str | os.PathLike, new_rows: list[dict], *, title:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, path)
-    (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands,
-                                                     ceilings=current_ceilings(rows)))
-    plot = plot_curves(rows, results_dir / "learning_curves.png")
+    ceilings = current_ceilings(rows)
+    (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands, ceilings=ceilings))
+    plot = plot_curves(rows, results_dir / "learning_curves.png", ceilings)
     return {"results_json": str(path), "results_md": str(results_dir / "results.md"),
             "plot": str(plot) if plot else None, "rows": len(rows)}

@@ -196,3 +196,17 @@ def test_sweep_driver_killed_then_the_same_command_continues(ray_session, tmp_pa
     assert [r["status"] for r in rows] == ["ok", "ok"]
     # the continued run's wall time is the configured limit, not two of them
     assert rows[1]["wall_s"] < 0.06 * 60 * 1.6
+
+
+def test_results_command_rebuilds_the_table_from_results_json(tmp_path, capsys):
+    from driver.results import write_report
+    row = {"task": "GoNogo-v0", "dt": 100, "core": "mpn", "seed": 0, "variant": "defaults", "status": "ok",
+           "accuracy": 0.9, "pct_ceiling": 90.0, "ceiling": 1.0, "eval_trials": 100,
+           "curve": [[1.0, 10, 0.5], [2.0, 20, 0.96]]}
+    write_report(tmp_path, [row])
+    (tmp_path / "results.md").unlink()
+    assert main(["results", "--results-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| GoNogo | 100 | mpn | defaults | 0 | 0.900 | 90.0 %, 90.0 % |" in md
+    assert "| 2 (1/1) |" in md                                   # time to 95 % of the current ceiling 1.0
+    assert main(["results", "--results-dir", str(tmp_path / "none")]) == 2
