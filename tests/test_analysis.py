@@ -13,6 +13,7 @@ from common.analysis import decode, load_record, participation_ratio
 from driver.cli import main
 
 DMS = "DelayMatchSample-v0"
+pytestmark = pytest.mark.slow                # a real training and a 120-trial analysis (~18 s)
 
 
 @pytest.fixture(scope="module")
