@@ -17,6 +17,9 @@ the task no agent can learn: noise, ties, or a ground truth drawn at random from
   decides the right choice) alternates in blocks of 10-20 trials and is never shown: both rule
   channels read 1 alike.  An agent that sees observations (and no rewards) has a posterior of
   one half on the rule in every trial, so the best it can do is 0.5.
+- PerceptualDecisionMakingDelayResponse: two noisy channels during the stimulus, the stronger
+  one the answer, at a coherence drawn from five (0 %: the answer is a coin flip); the sum of
+  their difference over the stimulus is sufficient, and the posterior sums over the coherences.
 - MultiSensoryIntegration: two noisy modalities, each a cosine bump of unknown strength
   (coherence 5, 15 or 50 split at random between them); the posterior integrates over
   that split on a grid.
@@ -50,6 +53,20 @@ def _hierarchical(env) -> float:
     return 0.5
 
 
+def _pdm_delay(env) -> float:
+    ob = np.asarray(env.ob, dtype=np.float64)
+    stim = ob[env.start_ind["stimulus"]:env.end_ind["stimulus"]]
+    T = stim.shape[0]
+    d = (stim[:, 2] - stim[:, 1]).sum()              # evidence for answer 2 (channel 2)
+    var = 2.0 * T * float(env.sigma) ** 2             # of d, given the coherence
+    mu = T * np.asarray(env.cohs, np.float64) / 100.0
+    lp2 = -((d - mu) ** 2) / (2 * var)               # answer 2, each coherence equally likely
+    lp1 = -((d + mu) ** 2) / (2 * var)
+    m = max(lp1.max(), lp2.max())
+    a, b = np.exp(lp2 - m).sum(), np.exp(lp1 - m).sum()
+    return float(max(a, b) / (a + b))
+
+
 _PROP_GRID = (np.arange(200) + 0.5) / 200          # coh_prop ~ U(0, 1)
 
 
@@ -81,6 +98,7 @@ OBSERVERS = {
     "IntervalDiscrimination-v0": _intervals,
     "MultiSensoryIntegration-v0": _multisensory,
     "HierarchicalReasoning-v0": _hierarchical,
+    "PerceptualDecisionMakingDelayResponse-v0": _pdm_delay,
 }
 
 

@@ -92,3 +92,19 @@ def test_hierarchical_reasoning_never_shows_its_rule_so_its_ceiling_is_one_half(
     raises otherwise), so without rewards as input nothing beats a coin flip on the rule."""
     from common.ideal import observe
     assert observe("HierarchicalReasoning-v0", 100, trials=400, seed=2)["accuracy"] == 0.5
+
+
+def test_the_delayed_response_observer_predicts_its_own_accuracy():
+    """The posterior's expected accuracy must match the accuracy its answers (the sign of the
+    summed evidence) actually score on the same trials."""
+    from common.ideal import _pdm_delay
+    from common.tasks import make_env
+    u = make_env("PerceptualDecisionMakingDelayResponse-v0", 100, seed=6).unwrapped
+    post, hit = [], []
+    for _ in range(2000):
+        u.new_trial()
+        post.append(_pdm_delay(u))
+        st = np.asarray(u.ob)[u.start_ind["stimulus"]:u.end_ind["stimulus"]]
+        hit.append(float((2 if (st[:, 2] - st[:, 1]).sum() > 0 else 1) == u.trial["ground_truth"]))
+    se = np.sqrt(np.var(hit) / len(hit))
+    assert abs(np.mean(post) - np.mean(hit)) < 3 * se + 0.005, (np.mean(post), np.mean(hit))
