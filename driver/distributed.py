@@ -312,7 +312,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         self.rstats = {"size": 0}
         self.last = {"t": self.t_start, "env": c.env_steps, "upd": c.updates,
                      "train": c.trial_steps_trained, "idle": 0.0}
-        cadence = Cadence(cfg, c.episodes, self.t_start, self.target_episodes)
+        cadence = Cadence(cfg, c.episodes, self.t_start, self.target_episodes, c.trials)
         self.bar = ProgressBar(self.target_episodes, c.episodes)
         deadline = self.t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
         self.bar.deadline = deadline

@@ -183,7 +183,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
     bar = ProgressBar(target_episodes, counters.episodes)
     telemetry = Telemetry(exp.dir, runtime="local")     # TensorBoard + heartbeat.json
     t_start = time.time()
-    cadence = Cadence(cfg, counters.episodes, t_start, target_episodes)
+    cadence = Cadence(cfg, counters.episodes, t_start, target_episodes, counters.trials)
     guard = WriteGuard(log)                             # periodic writes that fail: reported, retried
     wall0 = counters.wall_time
     last = {"t": t_start, "env": counters.env_steps, "upd": counters.updates,

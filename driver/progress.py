@@ -21,16 +21,16 @@ class Cadence:
     A checkpoint is due every ``--checkpoint-freq`` episodes or ``--checkpoint-minutes`` of
     training, whichever comes first, so a killed short run can still be resumed."""
 
-    def __init__(self, cfg, episodes: int, now: float, target: int):
+    def __init__(self, cfg, episodes: int, now: float, target: int, trials: int = 0):
         self.cfg = cfg
         self.next_line = (episodes // cfg.print_freq + 1) * cfg.print_freq
         # 1 % of the run, counted in trials (they arrive more often than whole episodes)
         self.step = max(1, target * getattr(cfg, "trials_per_episode", 1) // 100)
-        self.next_record = self.step
+        self.next_record = (trials // self.step + 1) * self.step
         self.next_ckpt = (episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
         self.t_record = self.t_ckpt = now
         self.ep_record = episodes
-        self.trials_record = 0
+        self.trials_record = trials              # a resumed run records only what is new
 
     def record_due(self, episodes: int, now: float, target: int, trials: int | None = None) -> str | None:
         """"line" (a record with a progress line), "record" (a record only) or None.  A

@@ -322,7 +322,11 @@ def _trial_resources(config: dict):
     return tune.PlacementGroupFactory(bundles, strategy="SPREAD")
 
 
-def _progress_callback(total: int, log, report=None):
+def _console(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _progress_callback(total: int, log=_console, report=None):
     """``report(trial_dict)``: called as each trial ends, so that the results table grows while
     the sweep runs (a sweep cut short still leaves the rows of its finished trials)."""
     from ray import tune
@@ -477,7 +481,7 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
                                             trial_name_creator=_trial_name,
                                             trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(name="tune", storage_path=str(spec.dir), verbose=0,
-                                          callbacks=[_progress_callback(len(trials), log, report)],
+                                          callbacks=[_progress_callback(len(trials), report=report)],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         tuner.fit()
     finally:
