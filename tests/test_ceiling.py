@@ -71,20 +71,28 @@ def test_ideal_observers_of_noisy_tasks_match_their_closed_forms():
     assert abs(r["accuracy"] - exact) < 4 * r["stderr"] + 1e-3, (r, exact)
 
 
+def _observer_vs_rule(env_name: str, observer, answer, trials: int, seed: int):
+    """Per trial: the observer's posterior accuracy and whether a simple rule's answer (from the
+    stimulus observations) is right, on the same sampled trials."""
+    from common.tasks import make_env
+    u = make_env(env_name, 100, seed=seed).unwrapped
+    post, hit = [], []
+    for _ in range(trials):
+        u.new_trial()
+        post.append(observer(u))
+        stim = np.asarray(u.ob)[u.start_ind["stimulus"]:u.end_ind["stimulus"]]
+        hit.append(float(answer(stim) == u.trial["ground_truth"]))
+    return np.array(post), np.array(hit)
+
+
 def test_the_multisensory_bayes_observer_beats_summing_the_modalities():
     """Its posterior accuracy must be at least that of answering by the sign of the summed
     evidence of both modalities, scored on the same trials, and below the oracle's 1.0."""
     from common.ideal import _multisensory
-    from common.tasks import make_env
-    u = make_env("MultiSensoryIntegration-v0", 100, seed=4).unwrapped
-    post, naive = [], []
-    for _ in range(1500):
-        u.new_trial()
-        post.append(_multisensory(u))
-        stim = np.asarray(u.ob)[u.start_ind["stimulus"]:u.end_ind["stimulus"]]
-        d = (stim[:, 1] - stim[:, 2]).sum() + (stim[:, 3] - stim[:, 4]).sum()
-        naive.append(float((0 if d > 0 else 1) == u.trial["ground_truth"]))
-    assert np.mean(naive) - 0.02 <= np.mean(post) < 0.97
+    post, naive = _observer_vs_rule(
+        "MultiSensoryIntegration-v0", _multisensory,
+        lambda st: 0 if (st[:, 1] - st[:, 2]).sum() + (st[:, 3] - st[:, 4]).sum() > 0 else 1, 1500, 4)
+    assert naive.mean() - 0.02 <= post.mean() < 0.97
 
 
 def test_hierarchical_reasoning_never_shows_its_rule_so_its_ceiling_is_one_half():
@@ -98,13 +106,7 @@ def test_the_delayed_response_observer_predicts_its_own_accuracy():
     """The posterior's expected accuracy must match the accuracy its answers (the sign of the
     summed evidence) actually score on the same trials."""
     from common.ideal import _pdm_delay
-    from common.tasks import make_env
-    u = make_env("PerceptualDecisionMakingDelayResponse-v0", 100, seed=6).unwrapped
-    post, hit = [], []
-    for _ in range(2000):
-        u.new_trial()
-        post.append(_pdm_delay(u))
-        st = np.asarray(u.ob)[u.start_ind["stimulus"]:u.end_ind["stimulus"]]
-        hit.append(float((2 if (st[:, 2] - st[:, 1]).sum() > 0 else 1) == u.trial["ground_truth"]))
-    se = np.sqrt(np.var(hit) / len(hit))
-    assert abs(np.mean(post) - np.mean(hit)) < 3 * se + 0.005, (np.mean(post), np.mean(hit))
+    post, hit = _observer_vs_rule("PerceptualDecisionMakingDelayResponse-v0", _pdm_delay,
+                                  lambda st: 2 if (st[:, 2] - st[:, 1]).sum() > 0 else 1, 2000, 6)
+    se = np.sqrt(hit.var() / len(hit))
+    assert abs(post.mean() - hit.mean()) < 3 * se + 0.005, (post.mean(), hit.mean())
