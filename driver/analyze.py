@@ -10,7 +10,8 @@ why.
   against the evidence strength; for tasks with one coherence and two stimulus channels
   (PerceptualDecisionMaking and kin).
 - ``pca.png``: h and M projected on their first two principal components (variance explained
-  on the axes): trial-averaged trajectories per ground truth, and every step coloured by period.
+  on the axes): trial-averaged trajectories per ground truth and per the task's first other trial
+  variable (e.g. the sample, the context, the coherence), and every step coloured by period.
 - ``decoding.png``: cross-validated decoding accuracy over time (from trial onset) of the ground
   truth and of each categorical trial variable, from h and from M, with a shuffled-label control
   and chance; the periods shaded.
@@ -157,18 +158,22 @@ def _psychometric(rec, path: Path, title: str) -> dict:
 
 def _pca(rec, path: Path, title: str) -> dict:
     plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
-    gt = rec["trial_ground_truth"]
+    variables = _variables(rec)
+    other = next((k for k in variables if k != "ground truth"), None)   # e.g. the sample, context, coherence
+    ncol = 3 if other else 2
+    fig, axes = plt.subplots(2, ncol, figsize=(5 * ncol, 8))
     names = rec.meta["period_names"]
     out = {}
     for row, (label, X) in enumerate((("h", rec["h"]), ("M", rec.state()))):
         scores, evr = an.pca(X, 2)
         out[f"pca_{label}_variance_2pc"] = float(evr.sum())
-        ax = axes[row, 0]
-        for v, m in rec.condition_means(scores, gt).items():
-            ax.plot(m[:, 0], m[:, 1], marker=".", lw=1, label=f"ground truth {v}")
-            ax.plot(m[0, 0], m[0, 1], "ko", ms=3)
-        ax.set_title(f"{label}: trial-averaged trajectories (dot: onset)", fontsize=9)
+        for col, (vname, y) in enumerate([("ground truth", rec["trial_ground_truth"])]
+                                         + ([(other, variables[other])] if other else [])):
+            ax = axes[row, 0 if col == 0 else 2]
+            for v, m in rec.condition_means(scores, y).items():
+                ax.plot(m[:, 0], m[:, 1], marker=".", lw=1, label=f"{vname} {v:.3g}")
+                ax.plot(m[0, 0], m[0, 1], "ko", ms=3)
+            ax.set_title(f"{label}: trial-averaged trajectories by {vname} (dot: onset)", fontsize=9)
         ax = axes[row, 1]
         per = rec["period"]
         for code, pname in enumerate(names):
