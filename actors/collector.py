@@ -76,6 +76,10 @@ class TrialCollector:
         env_seeds = [derive_seed(seed, actor_id, k) for k in range(num_envs)]
         self.envs = [make_env(env_name, dt, seed=s) for s in env_seeds]
         self.units = [e.unwrapped for e in self.envs]
+        shape = self.envs[0].observation_space.shape
+        if shape != (spec.obs_dim,):            # the numba/numpy step reads obs_dim floats per env
+            raise ValueError(f"{env_name} at dt {dt} observes {shape} but the network takes "
+                             f"({spec.obs_dim},): the checkpoint belongs to another task")
         self.outcome = TrialOutcome(env_name, self.units[0])
         self.abort_reward = self.outcome.abort_reward
         # the penalty as the float32 rewards hold it, as a Python float (for list.count)

@@ -206,9 +206,6 @@ class NumpyPolicy:
     def step(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
         s = self.spec
         K = obs.shape[0]
-        if obs.ndim != 2 or obs.shape[1] != s.obs_dim or state.shape != (K, s.state_size):
-            raise ValueError(f"policy step: obs {obs.shape} and state {state.shape} do not fit the network "
-                             f"(obs [K, {s.obs_dim}], state [K, {s.state_size}])")
         H = s.hidden_dim
         x = None if s.core == "mpn" else augment_obs_numpy(obs, s.input_bias)   # the MPN appends it itself
         if s.core == "mpn":

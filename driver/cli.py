@@ -446,7 +446,7 @@ def cmd_sweep(ns) -> int:
                          max_concurrent=ns.max_concurrent, results_dir=ns.results_dir, title=ns.title)
         if ns.dry_run:
             for t in spec.trials:
-                cfg = t.config(str(spec.experiments_dir))
+                cfg = spec.config_of(t)
                 cpus = sum(b.get("CPU", 0) for b in trial_bundles(cfg))
                 print(f"{t.experiment_name}: dt {cfg.dt}, {cfg.num_actors} actors, {cpus:g} CPUs; "
                       f"{t.variant}")

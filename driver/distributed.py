@@ -30,7 +30,8 @@ from driver.local import Stop, build_spec, finish_run
 from driver.recovery import RecoveryMixin
 from driver.live import LiveControlMixin
 from common.exploration import epsilon_at
-from driver.progress import Cadence, Counters, ProgressBar, ReportWindow, make_record, progress_line
+from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, explain_overshoot, make_record,
+                             progress_line)
 from learner.learner import Learner
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,12 +67,6 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
         init_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
         log(f"Ray started in {time.time() - t0:.1f} s")
     return True
-
-
-def _explain_overshoot(episodes: int, target: int, envs: int, log) -> None:
-    if episodes > target:
-        log(f"Stopped at episode {episodes} of {target}: the {envs} envs of an actor finish their "
-            "episodes together, so the last step can complete a few more than asked")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -348,7 +343,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
                     cadence.checkpointed(c.episodes, now)
                     self.guard.attempt("checkpoint", lambda: self.save(f"checkpoint_{c.episodes}.pt"))
         self.bar.clear()
-        _explain_overshoot(c.episodes, self.target_episodes, cfg.envs_per_actor, self.log)
+        explain_overshoot(c.episodes, self.target_episodes, cfg.envs_per_actor, self.log)
         self._live_close("interrupted" if interrupted else "finished")
         self.stop_roles()
         self._poll()

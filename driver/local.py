@@ -21,7 +21,8 @@ from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
 from common.exploration import epsilon_at, epsilon_per_step
-from driver.progress import Cadence, Counters, ProgressBar, ReportWindow, make_record, progress_line
+from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, explain_overshoot, make_record,
+                             progress_line)
 from learner.diagnostics import replay_staleness
 from learner.learner import Learner
 from replay.buffer import TrialBuffer
@@ -274,8 +275,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
                     checkpoint_payload(learner, spec, cfg, counters), name))
                 guard.attempt("replay snapshot", lambda: snaps.checkpoint(sample_rng))
     bar.clear()
-    from driver.distributed import _explain_overshoot
-    _explain_overshoot(counters.episodes, target_episodes, cfg.envs_per_actor, log)
+    explain_overshoot(counters.episodes, target_episodes, cfg.envs_per_actor, log)
     collector.close()
     telemetry.close("interrupted" if interrupted else "finished")
     counters.wall_time = wall0 + time.time() - t_start

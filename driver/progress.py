@@ -11,6 +11,13 @@ from common.ceiling import ceiling_for, pct_of_ceiling
 from common.tasks import pct_of_ideal
 
 
+def explain_overshoot(episodes: int, target: int, envs: int, log) -> None:
+    """Say why a run ends a few episodes past the count asked for."""
+    if episodes > target:
+        log(f"Stopped at episode {episodes} of {target}: the {envs} envs of an actor finish their "
+            "episodes together, so the last step can complete a few more than asked")
+
+
 class Cadence:
     """When a metrics record, a progress line and a checkpoint are due, in both runtimes.
 
@@ -25,7 +32,8 @@ class Cadence:
         self.cfg = cfg
         self.next_line = (episodes // cfg.print_freq + 1) * cfg.print_freq
         # 1 % of the run, counted in trials (they arrive more often than whole episodes)
-        self.step = max(1, target * getattr(cfg, "trials_per_episode", 1) // 100)
+        self.tpe = getattr(cfg, "trials_per_episode", 1)
+        self.step = max(1, target * self.tpe // 100)
         self.next_record = (trials // self.step + 1) * self.step
         self.next_ckpt = (episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
         self.t_record = self.t_ckpt = now
@@ -38,7 +46,7 @@ class Cadence:
         if episodes >= self.next_line or episodes >= target:
             return "line"
         fresh = (trials > self.trials_record) if trials is not None else (episodes > self.ep_record)
-        done = trials if trials is not None else episodes * getattr(self.cfg, "trials_per_episode", 1)
+        done = trials if trials is not None else episodes * self.tpe
         if done >= self.next_record or (self.cfg.record_seconds > 0 and fresh
                                             and now - self.t_record >= self.cfg.record_seconds):
             return "record"
@@ -48,7 +56,7 @@ class Cadence:
         self.t_record, self.ep_record = now, episodes
         if trials is not None:
             self.trials_record = trials
-        done = trials if trials is not None else episodes * getattr(self.cfg, "trials_per_episode", 1)
+        done = trials if trials is not None else episodes * self.tpe
         self.next_record = (done // self.step + 1) * self.step
         if kind == "line":
             self.next_line = (episodes // self.cfg.print_freq + 1) * self.cfg.print_freq

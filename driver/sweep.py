@@ -166,9 +166,12 @@ class SweepSpec:
         if clash:
             raise SweepError(f"--{clash[0]} after `--`: the sweep sets it itself or --grid varies it; "
                              "remove it there")
-        self._trials = [t for t in self._expand()]
-        for t in self._trials:                      # every trial's options parse and validate
-            t.config(str(self.experiments_dir))
+        self._trials = list(self._expand())
+        # every trial's options parse and validate; "auto" actors resolved as on this machine
+        self._configs = {t: t.config(str(self.experiments_dir)) for t in self._trials}
+
+    def config_of(self, trial: Trial) -> TrainConfig:
+        return self._configs[trial]
 
     # -- the grid ---------------------------------------------------------------------------
     def _expand(self):
@@ -232,10 +235,9 @@ def trial_bundles(cfg: TrainConfig, cluster_gpus: float = 0) -> list[dict]:
     return [{}, learner] + [{"CPU": 1.0} for _ in range(cfg.num_actors)]
 
 
-def check_fits(trials: list[Trial], experiments_dir: str, cpus: float, gpus: float,
-               auto_actors: int | None = None) -> None:
-    for t in trials:
-        cfg = t.config(experiments_dir, auto_actors)
+def check_fits(spec: SweepSpec, cpus: float, gpus: float) -> None:
+    for t in spec.trials:
+        cfg = spec.config_of(t)
         need = sum(b.get("CPU", 0) for b in trial_bundles(cfg, gpus))
         if need > cpus:
             raise SweepError(f"trial {t.experiment_name} needs {need:g} CPUs ({cfg.num_actors} actors "
@@ -367,7 +369,7 @@ def prepare(spec: SweepSpec) -> None:
     from common.tasks import TaskError, UnknownTaskError, check_task
     seen = set()
     for t in spec.trials:
-        cfg = t.config(str(spec.experiments_dir))
+        cfg = spec.config_of(t)
         if (cfg.env_name, cfg.dt) in seen:
             continue
         seen.add((cfg.env_name, cfg.dt))
@@ -378,8 +380,7 @@ def prepare(spec: SweepSpec) -> None:
     import ray
     if not (spec.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         # the embedded Ray will get this machine's CPUs: refuse what cannot fit before starting it
-        check_fits(spec.trials, str(spec.experiments_dir), float(os.cpu_count() or 1), 0.0,
-                   TrainConfig(env_name=spec.tasks[0]).effective_num_actors)
+        check_fits(spec, float(os.cpu_count() or 1), 0.0)
     meta = spec.dir / "sweep.json"
     if meta.exists():
         try:
@@ -442,8 +443,8 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
     try:
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-        auto = TrainConfig(env_name=spec.tasks[0]).effective_num_actors
-        check_fits(trials, str(spec.experiments_dir), cpus, gpus, auto)
+        check_fits(spec, cpus, gpus)
+        auto = TrainConfig(env_name=spec.tasks[0]).effective_num_actors   # what the trials' "auto" is
         meta = spec.dir / "sweep.json"
         resuming = meta.exists()
         commit = git_commit()
@@ -452,8 +453,7 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
             meta.write_text(json.dumps({"name": spec.name, "identity": spec.identity(),
                                         "command": command, "created": time.strftime("%Y-%m-%d %H:%M"),
                                         "commit": commit}, indent=1) + "\n")
-        for env_name, dt in sorted({(c.env_name, c.dt) for c in
-                                    (t.config(str(spec.experiments_dir)) for t in trials)}):
+        for env_name, dt in sorted({(c.env_name, c.dt) for c in map(spec.config_of, trials)}):
             c = ceiling_for(env_name, dt)         # measured once per task and dt, cached
             log(f"Ceiling of {env_name} at dt {dt}: {c['ceiling']:.3f} ({c['ceiling_source']}); "
                 f"best trivial {c['best_trivial']['accuracy']:.3f}")

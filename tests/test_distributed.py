@@ -90,8 +90,13 @@ def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothin
     assert not (tmp_path / "exps").exists()
 
 
-def test_the_embedded_rays_auth_token_is_readable_by_its_owner_only(ray_session):
-    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-    if not os.path.exists(path):
-        pytest.skip("this Ray wrote no auth token")
-    assert os.stat(path).st_mode & 0o077 == 0, oct(os.stat(path).st_mode)
+def test_the_embedded_rays_auth_token_is_made_readable_by_its_owner_only(tmp_path, monkeypatch):
+    """Ray writes ~/.ray/auth_token with mode 0644; after the embedded Ray starts it is 0600."""
+    from driver.ray_local import _private_token
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("t" * 64)
+    token.chmod(0o644)
+    _private_token()
+    assert token.stat().st_mode & 0o777 == 0o600, oct(token.stat().st_mode)
