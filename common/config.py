@@ -191,15 +191,17 @@ class TrainConfig(ConfigBase):
     dt: Optional[int] = opt(
         None, "NeuroGym time step in ms; default: the task's own registered dt (e.g. 100 for "
         "PerceptualDecisionMaking, 10 for PulseDecisionMaking, 80 for ReadySetGo)", low=1)
-    num_episodes: int = opt(
-        10_000, "episodes to train for (summed over all envs and actors)", low=1)
+    num_episodes: Optional[int] = opt(
+        None, "episodes to train for (summed over all envs and actors); default: no episode "
+        "count, training runs for --time-limit-minutes", low=1)
     trials_per_episode: int = opt(
         10, "trials per episode; the recurrent state (M) persists across trials and resets only "
         "between episodes", low=1)
     seed: int = opt(0, "random seed (envs, exploration, network init)", low=0)
     time_limit_minutes: Optional[float] = opt(
-        None, "stop training after this many minutes of wall time even if episodes remain",
-        low=0, low_open=True)
+        10.0, "minutes of wall time to train for (the run stops at this limit or at "
+        "--num-episodes, whichever comes first); none: no time limit (then --num-episodes is "
+        "required)", low=0, low_open=True)
 
     # --- network ---
     core: str = opt("mpn", "recurrent core: mpn (multi-plasticity network), gru or lstm", choices=CORES)
@@ -333,6 +335,9 @@ class TrainConfig(ConfigBase):
                 self.dt = native_dt(self.env_name)
             except (TaskError, UnknownTaskError) as exc:
                 raise ConfigError(str(exc)) from None
+        if self.num_episodes is None and self.time_limit_minutes is None:
+            raise ConfigError("--num-episodes and --time-limit-minutes are both none: the run "
+                              "would never end; give one of them")
         if self.epsilon_end > self.epsilon_start:
             raise ConfigError(f"--epsilon-end ({self.epsilon_end}) must not exceed "
                               f"--epsilon-start ({self.epsilon_start})")

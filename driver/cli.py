@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment-name", required=True, help="experiment to continue")
     s.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
     s.add_argument("--num-episodes", type=int, default=None,
-                   help="new total number of episodes (default: the original --num-episodes)")
+                   help="new total number of episodes (default: the original --num-episodes; "
+                   "with neither option the run continues to its original budget)")
     s.add_argument("--time-limit-minutes", type=float, default=None,
-                   help="stop after this many minutes of this session")
+                   help="stop after this many minutes of this session (default: what is left of the "
+                   "original --time-limit-minutes, none when --num-episodes is given)")
     s.add_argument("--checkpoint", default=None,
                    help="checkpoint file name (in the experiment's checkpoints/) or path to continue "
                         "from (default: the newest one that loads; a damaged newer one is skipped "

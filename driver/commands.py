@@ -127,16 +127,39 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
     from driver.recovery import load_resume_snapshot
     load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))
-    target = num_episodes if num_episodes is not None else cfg.num_episodes
-    if target <= done:
-        from driver.cli import UsageError
-        raise UsageError(f"resume: the checkpoint is at episode {done}; pass --num-episodes "
-                         f"greater than that (the new total)")
+    target, time_limit_minutes = resume_budget(cfg, ck["counters"], num_episodes, time_limit_minutes)
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
     with exp.lock():                # the run is still live: exit 2, nothing touched
         cfg.save(str(exp.config_path))
-        log(f"Resuming {exp.name} from {latest.name} (episode {done}) to episode {target}")
+        budget = [f"to episode {target}"] if target is not None else []
+        if time_limit_minutes:
+            budget.append(f"for at most {time_limit_minutes:.2f} min")
+        log(f"Resuming {exp.name} from {latest.name} (episode {done}) {', '.join(budget)}")
         return _continue(cfg, exp, str(latest), target, log)
+
+
+def resume_budget(cfg, counters: dict, num_episodes: int | None,
+                  time_limit_minutes: float | None) -> tuple[int | None, float | None]:
+    """(episode target, minutes) of a resumed run.  ``--num-episodes`` alone: that new total, no
+    time limit.  Neither: the original run's target and what is left of its time limit.
+    A budget already spent, or one that never ends, is a :class:`UsageError`."""
+    from driver.cli import UsageError
+    done = int(counters.get("episodes", 0))
+    target = num_episodes if num_episodes is not None else cfg.num_episodes
+    if target is not None and target <= done:
+        raise UsageError(f"resume: the checkpoint is at episode {done}; pass --num-episodes "
+                         f"greater than that (the new total)")
+    if num_episodes is None and time_limit_minutes is None and cfg.time_limit_minutes:
+        left = cfg.time_limit_minutes - float(counters.get("wall_time", 0.0)) / 60.0
+        if left < 0.01:
+            raise UsageError(f"resume: the run has used its {cfg.time_limit_minutes:g} min "
+                             "(--time-limit-minutes); pass --time-limit-minutes M (minutes more) "
+                             "or --num-episodes N (a new total)")
+        time_limit_minutes = left
+    if target is None and time_limit_minutes is None:
+        raise UsageError("resume: the run has no episode target; pass --time-limit-minutes M or "
+                         "--num-episodes N")
+    return target, time_limit_minutes
 
 
 def _resume_point(exp: Experiment, checkpoint: str | None, log) -> tuple:

@@ -30,7 +30,7 @@ from driver.local import Stop, build_spec, finish_run
 from driver.recovery import RecoveryMixin
 from driver.live import LiveControlMixin
 from common.exploration import epsilon_at
-from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, explain_overshoot, make_record,
+from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left, explain_overshoot, make_record,
                              progress_line)
 from learner.learner import Learner
 
@@ -142,7 +142,7 @@ def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | N
     started = init_ray(cfg, log)
     try:
         trainer = DistributedTrainer(cfg, exp, resume_from=resume_from,
-                                     target_episodes=target_episodes or cfg.num_episodes, log=log)
+                                     target_episodes=target_episodes if target_episodes is not None else cfg.num_episodes, log=log)
         return trainer.run()
     finally:
         if started:
@@ -314,7 +314,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
         last_status = 0.0
         interrupted = None
         with Stop() as stop:
-            while c.episodes < self.target_episodes:
+            while episodes_left(c.episodes, self.target_episodes):
                 if stop.requested or (deadline is not None and time.time() > deadline):
                     interrupted = stop.signal_name if stop.requested else None
                     if not stop.requested:

@@ -21,7 +21,7 @@ from replay.snapshot import write_atomic
 from driver.recovery import LocalReplaySnapshots
 from driver.telemetry import Telemetry
 from common.exploration import epsilon_at, epsilon_per_step
-from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, explain_overshoot, make_record,
+from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left, explain_overshoot, make_record,
                              progress_line)
 from learner.diagnostics import replay_staleness
 from learner.learner import Learner
@@ -166,7 +166,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
         learner.load_state_dict(ck["learner"])
         counters = Counters.from_dict(ck["counters"])
         log(f"Resumed from {resume_from}: episode {counters.episodes}, {counters.updates} updates")
-    target_episodes = target_episodes or cfg.num_episodes
+    target_episodes = target_episodes if target_episodes is not None else cfg.num_episodes
     params, version = learner.publish()
     collector = TrialCollector(cfg.env_name, cfg.dt, spec, params, num_envs=cfg.envs_per_actor,
                                trials_per_episode=cfg.trials_per_episode,
@@ -197,7 +197,7 @@ def train_local(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = 
     if len(buffer) < cfg.learning_starts:
         log(f"Filling replay: learning starts after {cfg.learning_starts} trials")
     with Stop() as stop:
-        while counters.episodes < target_episodes:
+        while episodes_left(counters.episodes, target_episodes):
             if stop.requested or (deadline is not None and time.time() > deadline):
                 interrupted = stop.signal_name if stop.requested else None
                 if deadline is not None and not stop.requested:

@@ -11,9 +11,15 @@ from common.ceiling import ceiling_for, pct_of_ceiling
 from common.tasks import pct_of_ideal
 
 
-def explain_overshoot(episodes: int, target: int, envs: int, log) -> None:
+def episodes_left(episodes: int, target: int | None) -> bool:
+    """True while a run with episode target ``target`` (None: none, the time limit ends it)
+    has episodes to go."""
+    return target is None or episodes < target
+
+
+def explain_overshoot(episodes: int, target: int | None, envs: int, log) -> None:
     """Say why a run ends a few episodes past the count asked for."""
-    if episodes > target:
+    if target is not None and episodes > target:
         log(f"Stopped at episode {episodes} of {target}: the {envs} envs of an actor finish their "
             "episodes together, so the last step can complete a few more than asked")
 
@@ -28,22 +34,24 @@ class Cadence:
     A checkpoint is due every ``--checkpoint-freq`` episodes or ``--checkpoint-minutes`` of
     training, whichever comes first, so a killed short run can still be resumed."""
 
-    def __init__(self, cfg, episodes: int, now: float, target: int, trials: int = 0):
+    def __init__(self, cfg, episodes: int, now: float, target: int | None, trials: int = 0):
         self.cfg = cfg
         self.next_line = (episodes // cfg.print_freq + 1) * cfg.print_freq
         # 1 % of the run, counted in trials (they arrive more often than whole episodes)
         self.tpe = getattr(cfg, "trials_per_episode", 1)
-        self.step = max(1, target * self.tpe // 100)
+        # (no episode target: records by time only, every --record-seconds)
+        self.step = max(1, target * self.tpe // 100) if target is not None else 2 ** 62
         self.next_record = (trials // self.step + 1) * self.step
         self.next_ckpt = (episodes // cfg.checkpoint_freq + 1) * cfg.checkpoint_freq
         self.t_record = self.t_ckpt = now
         self.ep_record = episodes
         self.trials_record = trials              # a resumed run records only what is new
 
-    def record_due(self, episodes: int, now: float, target: int, trials: int | None = None) -> str | None:
+    def record_due(self, episodes: int, now: float, target: int | None,
+                   trials: int | None = None) -> str | None:
         """"line" (a record with a progress line), "record" (a record only) or None.  A
         record by time needs new trials since the last one (``trials``; else new episodes)."""
-        if episodes >= self.next_line or episodes >= target:
+        if episodes >= self.next_line or not episodes_left(episodes, target):
             return "line"
         fresh = (trials > self.trials_record) if trials is not None else (episodes > self.ep_record)
         done = trials if trials is not None else episodes * self.tpe
@@ -183,11 +191,13 @@ def _fmt(v, spec: str, none: str = "   -") -> str:
     return none if v is None else format(v, spec)
 
 
-def progress_line(rec: dict, num_episodes: int) -> str:
-    """The seed's line, extended: ``Ep 100/1000 | Reward | Len | Loss | ε | Trials | Acc ...``."""
-    width = len(str(num_episodes))
+def progress_line(rec: dict, num_episodes: int | None) -> str:
+    """The seed's line, extended: ``Ep 100/1000 | Reward | Len | Loss | ε | Trials | Acc ...``
+    (``Ep 100 |`` with no episode target)."""
     pct = rec.get("pct_ceiling")
-    return (f"Ep {rec['episode']:>{width}}/{num_episodes} | Reward: {_fmt(rec['reward'], '7.2f')} | "
+    ep = (f"{rec['episode']:>{len(str(num_episodes))}}/{num_episodes}" if num_episodes is not None
+          else f"{rec['episode']:>6}")
+    return (f"Ep {ep} | Reward: {_fmt(rec['reward'], '7.2f')} | "
             f"Len: {_fmt(rec['episode_len'], '5.0f')} | Loss: {_fmt(rec['loss'], '.4f', '     -')} | "
             f"ε: {rec['epsilon']:.3f} | Trials: {rec['trials']:>6} | "
             f"Acc: {_fmt(rec['accuracy'], '.3f', '    -')} ({_fmt(pct, '5.1f', '  -')}% ceil, trivial "
@@ -201,7 +211,7 @@ def progress_line(rec: dict, num_episodes: int) -> str:
 class ProgressBar:
     """A one-line bar with ETA on stderr (only when stderr is a terminal, or when forced)."""
 
-    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool | None = None,
+    def __init__(self, total: int | None, start: int = 0, stream=None, enabled: bool | None = None,
                  deadline: float | None = None):
         self.total = total
         self.deadline = deadline                 # --time-limit-minutes: the ETA never exceeds it
@@ -218,15 +228,22 @@ class ProgressBar:
         if not force and now - self.last < 0.5:
             return
         self.last = now
-        frac = min(1.0, value / max(1, self.total))
-        done = value - self.start_value
-        rate = done / max(1e-9, now - self.t0)
-        eta = (self.total - value) / rate if rate > 0 else float("inf")
+        if self.total is not None:
+            frac = min(1.0, value / max(1, self.total))
+            done = value - self.start_value
+            rate = done / max(1e-9, now - self.t0)
+            eta = (self.total - value) / rate if rate > 0 else float("inf")
+        else:                                    # time-bounded run: the bar is the time used
+            frac = eta = float("inf")
         if self.deadline is not None:
             eta = min(eta, max(0.0, self.deadline - now))
+            if self.total is None:
+                frac = min(1.0, (now - self.t0) / max(1e-9, self.deadline - self.t0))
+        frac = 0.0 if frac == float("inf") else frac
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         eta_s = "--:--" if eta == float("inf") else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
-        self.stream.write(f"\r[{bar}] {value}/{self.total} episodes  ETA {eta_s} ")
+        count = f"{value}/{self.total}" if self.total is not None else f"{value}"
+        self.stream.write(f"\r[{bar}] {count} episodes  ETA {eta_s} ")
         self.stream.flush()
 
     def clear(self) -> None:

@@ -122,9 +122,12 @@ def render(exp_dir: str | os.PathLike, now: float | None = None, stale_s: float 
     if episode is None:
         episode = last.get("episode", 0)
     pct = f" ({100 * episode / target:.1f}%)" if target else ""
+    limit = cfg.get("time_limit_minutes")
+    if not target and limit and last.get("wall_time") is not None:     # a time-bounded run
+        pct = f" ({100 * last['wall_time'] / (60 * limit):.1f}% of {limit:g} min)"
     nodes = last.get("num_nodes")
     actors = (hb or {}).get("num_actors", last.get("num_actors"))
-    lines.append(f"Progress: episode {episode}/{target or '?'}{pct} | actors {_fmt(actors, '.0f')}"
+    lines.append(f"Progress: episode {episode}{'/' + str(target) if target else ''}{pct} | actors {_fmt(actors, '.0f')}"
                  + (f" on {nodes} node(s)" if nodes else "")
                  + f" | env steps {_fmt(last.get('env_steps'), ',.0f')} | trials "
                  f"{_fmt(last.get('trials'), ',.0f')} | updates {_fmt(last.get('updates'), ',.0f')}")

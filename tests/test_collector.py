@@ -353,3 +353,48 @@ def test_records_come_every_percent_of_the_run_and_every_few_seconds():
     c.recorded("record", 5, 2.5, trials=50)
     assert c.record_due(5, now=5.0, target=10**6, trials=50) is None           # nothing new to record
     assert not c.checkpoint_due(5, now=59.0) and c.checkpoint_due(5, now=61.0)
+
+
+def test_a_time_bounded_run_records_by_time_and_never_runs_out_of_episodes():
+    from types import SimpleNamespace
+    from driver.progress import Cadence, episodes_left, progress_line
+    cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0,
+                          trials_per_episode=10)
+    c = Cadence(cfg, 0, now=0.0, target=None)
+    assert episodes_left(10**9, None) and not episodes_left(300, 300)
+    assert c.record_due(5, now=1.0, target=None, trials=50) is None            # no 1 % step
+    assert c.record_due(5, now=2.5, target=None, trials=50) == "record"
+    assert c.record_due(250, now=2.6, target=None, trials=2500) == "line"
+    rec = {"episode": 250, "reward": 1.0, "episode_len": 10.0, "loss": 0.1, "epsilon": 0.1,
+           "trials": 2500, "accuracy": 0.5, "pct_ceiling": 50.0, "best_trivial_accuracy": 0.5,
+           "fix_break_rate": 0.0, "premature_rate": 0.0, "env_steps_per_s": 1.0,
+           "updates_per_s": 1.0, "policy_lag": 0.0}
+    assert progress_line(rec, None).startswith("Ep    250 | ")
+    assert progress_line(rec, 1000).startswith("Ep  250/1000 | ")
+
+
+def test_the_default_budget_is_ten_minutes_and_a_budget_must_end():
+    import pytest
+    from common.config import ConfigError, TrainConfig
+    cfg = TrainConfig()
+    assert cfg.num_episodes is None and cfg.time_limit_minutes == 10.0
+    with pytest.raises(ConfigError, match="never end"):
+        TrainConfig(time_limit_minutes=None)
+    assert TrainConfig(time_limit_minutes=None, num_episodes=5).num_episodes == 5
+
+
+def test_resume_continues_to_the_original_budget():
+    import pytest
+    from common.config import TrainConfig
+    from driver.cli import UsageError
+    from driver.commands import resume_budget
+    cfg = TrainConfig()                                        # 10 min, no episode target
+    assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, None, None) == (None, 6.0)
+    assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, 80, None) == (80, None)
+    assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, None, 3.0) == (None, 3.0)
+    with pytest.raises(UsageError, match="used its 10 min"):
+        resume_budget(cfg, {"episodes": 50, "wall_time": 600.0}, None, None)
+    with pytest.raises(UsageError, match="greater than that"):
+        resume_budget(TrainConfig(num_episodes=40), {"episodes": 50}, None, None)
+    capped = TrainConfig(num_episodes=100, time_limit_minutes=None)
+    assert resume_budget(capped, {"episodes": 50, "wall_time": 9e9}, None, None) == (100, None)
