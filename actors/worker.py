@@ -1,8 +1,9 @@
-"""The actor role for the distributed runtime: a :class:`TrialCollector` that ships trials.
+"""The actor role: a :class:`TrialCollector` that ships its trials to a replay.
 
-Plain class; ``driver/distributed.py`` wraps it with ``ray.remote``.  Everything it sends
-(trials to the replay server, summaries to the driver) is msgpack; weights arrive as msgpack
-bytes via one ``ray.put`` per version.
+Plain class, free of any runtime: it is handed a :class:`common.roles.ReplayClient` and a
+weights ``fetch`` (``driver/ray_roles.py`` gives Ray ones; :mod:`common.roles` in-process
+ones).  Everything it sends (trials to the replay, summaries to the driver) is msgpack; weights
+arrive as a handle of msgpack bytes, fetched only when their version is newer.
 """
 from __future__ import annotations
 
@@ -18,20 +19,20 @@ from common.codec import decode_params, encode_trials
 from common.config import TrainConfig
 from common.networks import NetSpec
 from common.exploration import actor_epsilon, epsilon_at, epsilon_per_step
+from common.roles import ReplayClient, ReplayUnavailable, WeightsFetch, WeightsUnavailable, local_fetch
 
-
-INSERT_TIMEOUT_S = 30.0
 
 
 class ActorWorker:
-    def __init__(self, cfg: dict, spec: dict, actor_id: int, num_actors: int, replay, params_msg: bytes,
-                 seed_offset: int = 0):
+    def __init__(self, cfg: dict, spec: dict, actor_id: int, num_actors: int, replay: ReplayClient,
+                 params_msg: bytes, seed_offset: int = 0, fetch: WeightsFetch = local_fetch):
         torch.set_num_threads(1)
         self.cfg = TrainConfig.from_dict(cfg)
         self.spec = NetSpec(**spec)
         self.actor_id, self.num_actors = actor_id, num_actors
         self.rank = actor_id                     # position in the ε spread (see run_chunk)
         self.replay = replay
+        self.fetch = fetch
         params, version = decode_params(params_msg)
         c = self.cfg
         self.collector = TrialCollector(
@@ -61,14 +62,10 @@ class ActorWorker:
         self._flush(time.time() + timeout_s)
         return len(self.pending)
 
-    def node_id(self) -> str:
-        import ray
-        return ray.get_runtime_context().get_node_id()
-
     def pid(self) -> int:
         return os.getpid()
 
-    def set_replay(self, replay) -> bool:
+    def set_replay(self, replay: ReplayClient) -> bool:
         """Use this replay server from now on (the driver restarted it); pending messages
         are retried there."""
         self.replay = replay
@@ -80,14 +77,11 @@ class ActorWorker:
         self.seq += 1
 
     def _flush(self, deadline: float) -> None:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
         while self.pending:
             seq, payload = self.pending[0]
             try:
-                res = ray.get(self.replay.insert.remote(payload, self.source, seq),
-                              timeout=INSERT_TIMEOUT_S)
-            except (RayActorError, GetTimeoutError):
+                res = self.replay.insert(payload, self.source, seq)
+            except ReplayUnavailable:
                 # the replay server is gone (or hung): keep the message, wait for the driver
                 # to hand over a restarted server (set_replay), retry then
                 self.replay_down = True
@@ -111,37 +105,40 @@ class ActorWorker:
             self.pending.pop(0)
 
     def run_chunk(self, global_env_steps: int, weights: list | None = None, seconds: float = 0.25,
-                  spread: tuple[int, int] | None = None) -> bytes:
-        """Act for about ``seconds``; ship completed trials; return a msgpack summary.
+                  spread: tuple[int, int] | None = None, steps: int | None = None) -> bytes:
+        """Act for about ``seconds`` (or exactly ``steps`` vectorised env steps, then one
+        attempt to ship); ship completed trials; return a msgpack summary.
 
-        ``weights``: ``[version, [ref]]`` of the newest published weights, or None.  The ref is
-        fetched only when its version is newer than the one acting.  ``spread``: (rank, count)
+        ``weights``: ``[version, handle]`` of the newest published weights, or None.  The handle
+        is fetched only when its version is newer than the one acting.  ``spread``: (rank, count)
         of this actor among the job's active actors, for the ε spread (given by the driver on
         every call, so it follows ``scale``).
         """
-        import ray
         if weights is not None and int(weights[0]) > self.collector.weights_version:
             try:
-                params, version = decode_params(ray.get(weights[1][0], timeout=30))
+                params, version = decode_params(self.fetch(weights[1]))
                 self.collector.set_params(params, version)
-            except (ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError):
+            except WeightsUnavailable:
                 pass        # the learner that published them died; the driver sends newer ones
         c = self.cfg
         base = epsilon_at(global_env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps, c.dt)
         if spread is not None:
             self.rank, self.num_actors = int(spread[0]), int(spread[1])
         self.collector.epsilon = epsilon_per_step(actor_epsilon(base, self.rank, self.num_actors), c.dt)
-        t_end = time.time() + seconds
+        t_end = time.time() + (seconds if steps is None else 0.0)
         cpu0 = time.process_time()
         summaries, episodes = [], []
         steps0, blocked0 = self.collector.env_steps, self.blocked_s
         self._flush(t_end)
         trials = []
-        while time.time() < t_end and not self.pending:
-            for _ in range(16):
+        left = steps
+        while not self.pending and (time.time() < t_end if steps is None else left > 0):
+            for _ in range(16 if steps is None else min(16, left)):
                 t, e = self.collector.step()
                 trials.extend(t)
                 episodes.extend(e)
+            if steps is not None:
+                left -= min(16, left)
             if len(trials) >= 2 * self.collector.K:       # ship in batches of trials
                 self._enqueue(encode_trials(trials))
                 summaries.extend(_trial_summaries(trials))

@@ -1,7 +1,7 @@
 """The distributed runtime on Ray: the driver that wires actors, replay server and learner.
 
-The roles are the plain classes of ``actors/``, ``replay/`` and ``learner/``; this module only
-wraps them with ``ray.remote`` and moves msgpack bytes between them:
+The roles are the plain classes of ``actors/``, ``replay/`` and ``learner/``, put on Ray by
+``driver/ray_roles.py``; this module starts them and drives them:
 
     actors --(trials, msgpack)--> replay server --(batches, msgpack)--> learner
     learner --(weights, msgpack, one ray.put per version)--> actors (via the driver's calls)
@@ -154,17 +154,12 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin):
 
     def __init__(self, cfg: TrainConfig, exp: Experiment, *, resume_from: str | None,
                  target_episodes: int, log=print):
-        import ray
-        from actors.worker import ActorWorker
-        from learner.worker import LearnerWorker
-        from replay.server import ReplayServer
+        from driver.ray_roles import remote_role_classes
         self.cfg, self.exp, self.log = cfg, exp, log
         self.target_episodes = target_episodes
         self.spec = build_spec(cfg)
         check_capacity(cfg.effective_num_actors)
-        self.replay_cls = ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer)
-        self.learner_cls = ray.remote(num_cpus=1, num_gpus=_learner_gpus(cfg), max_concurrency=4)(LearnerWorker)
-        self.actor_cls = ray.remote(num_cpus=1)(ActorWorker)
+        self.replay_cls, self.learner_cls, self.actor_cls = remote_role_classes(_learner_gpus(cfg))
         self.counters = Counters()
         self.ck_bytes = None
         if resume_from is not None:

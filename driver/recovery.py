@@ -105,14 +105,10 @@ class RecoveryMixin:
         self.log(msg)
 
     def _new_replay(self):
-        cfg, spec = self.cfg, self.spec
-        burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
-        schema = {"obs_dim": spec.obs_dim, "state_size": spec.state_size,
-                  "num_actions": spec.num_actions, "max_burnin": burn}
+        from replay.server import ReplayServer
         return self.replay_cls.remote(
-            cfg.buffer_size, schema, samples_per_insert=cfg.replay_ratio,
-            min_size=cfg.learning_starts, batch_size=cfg.trial_batch_size, max_burnin=burn,
-            seed=cfg.seed + self.counters.episodes + 1_000 * self.replay_epoch,
+            **ReplayServer.config_kwargs(self.cfg, self.spec),
+            seed=self.cfg.seed + self.counters.episodes + 1_000 * self.replay_epoch,
             epoch=self.replay_epoch)
 
     def _after_replay_started(self) -> None:

@@ -1,9 +1,13 @@
-"""The learner role for the distributed runtime: a :class:`Learner` fed by a prefetch thread.
+"""The learner role: a :class:`Learner` fed with batches sampled from a replay.
 
-Plain class; ``driver/distributed.py`` wraps it with ``ray.remote`` (threaded, so ``status``
-answers while training runs).  One thread pulls msgpack batches from the replay server and
-decodes them into a small queue while the training thread computes (prefetch); weights are
-published every ``publish_period`` updates as msgpack bytes with one ``ray.put`` per version.
+Plain class, free of any runtime: it is handed a :class:`common.roles.ReplayClient` to sample
+from and a weights ``store`` to publish with (``driver/ray_roles.py`` gives Ray ones;
+:mod:`common.roles` in-process ones).  Two ways to drive it: :meth:`start` runs a prefetch
+thread that keeps a small queue of sampled batches and a training thread that consumes it (the
+Ray placement; ``status`` answers meanwhile); :meth:`train_available` trains in the caller's
+thread for as long as the replay's rate limiter allows (the single-process placement).
+Weights are published every ``publish_period`` updates as msgpack bytes, one ``store`` per
+version.
 """
 from __future__ import annotations
 
@@ -18,17 +22,19 @@ import torch
 from common.codec import encode_params
 from common.config import TrainConfig
 from common.networks import NetSpec
+from common.roles import ReplayClient, ReplayUnavailable, WeightsStore, local_store
 from learner.learner import Learner
-from replay.wire import decode_batch
 
 
 class LearnerWorker:
-    def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
-                 publish_period: int = 10, prefetch: int = 2, version_floor: int = 0):
+    def __init__(self, cfg: dict, spec: dict, replay: ReplayClient, checkpoint: bytes | None = None,
+                 publish_period: int = 10, prefetch: int = 2, version_floor: int = 0,
+                 store: WeightsStore = local_store):
         torch.set_num_threads(1)
         self.cfg = TrainConfig.from_dict(cfg)
         self.spec = NetSpec(**spec)
         self.replay = replay
+        self.store = store
         self.learner = Learner.from_config(self.spec, self.cfg)
         if checkpoint is not None:
             ck = torch.load(io.BytesIO(checkpoint), map_location=self.learner.device, weights_only=True)
@@ -53,14 +59,13 @@ class LearnerWorker:
 
     # -- weights -----------------------------------------------------------------------------
     def _publish(self) -> None:
-        import ray
         params, version = self.learner.publish()
-        ref = ray.put(encode_params(params, version))          # one put per version
+        handle = self.store(encode_params(params, version))          # one store per version
         with self.lock:
-            self.latest = [version, [ref]]
+            self.latest = [version, handle]
 
     def latest_weights(self) -> list | None:
-        """``[version, [ref]]`` (the ref wrapped in a list so Ray does not resolve it)."""
+        """``[version, handle]`` of the newest published weights."""
         with self.lock:
             return self.latest
 
@@ -78,29 +83,26 @@ class LearnerWorker:
         import os
         return os.getpid()
 
-    def set_replay(self, replay) -> bool:
+    def set_replay(self, replay: ReplayClient) -> bool:
         """Sample from this replay server from now on (the driver restarted it)."""
         self.replay = replay
         return True
 
     def _prefetch_loop(self) -> None:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
         B = self.cfg.trial_batch_size
         try:
             while not self.stop_flag.is_set():
                 try:
-                    payload = ray.get(self.replay.sample.remote(B), timeout=30)
-                except (RayActorError, GetTimeoutError):
+                    batch = self.replay.sample(B)
+                except ReplayUnavailable:
                     # the replay server died (or hung): wait for the driver to hand over a
                     # restarted one (set_replay) and go on with it
                     self.replay_errors += 1
                     self.stop_flag.wait(0.1)
                     continue
-                if payload is None:                           # rate limiter: wait for actors
+                if batch is None:                             # rate limiter: wait for actors
                     time.sleep(0.002)
                     continue
-                batch = decode_batch(payload, self.spec.obs_dim, self.spec.state_size)
                 while not self.stop_flag.is_set():
                     try:
                         self.queue.put(batch, timeout=0.1)
@@ -119,22 +121,38 @@ class LearnerWorker:
                 except queue.Empty:
                     self.idle_s += time.time() - t0
                     continue
-                t1 = time.time()
-                self.idle_s += t1 - t0
-                with self.update_lock:
-                    stats = self.learner.update(batch)
-                steps = int(batch.mask.sum())
-                self.busy_s += time.time() - t1
-                with self.lock:
-                    self.trial_steps += steps
-                    if self.learner.updates % 5 == 0:
-                        self.recent.append({k: float(v) for k, v in stats.items()})
-                        self.recent = self.recent[-200:]
-                if self.learner.updates % self.publish_period == 0:
-                    with self.update_lock:
-                        self._publish()
+                self.idle_s += time.time() - t0
+                self._train_on(batch)
         except Exception as exc:  # noqa: BLE001
             self.error = f"train: {type(exc).__name__}: {exc}"
+
+    def _train_on(self, batch) -> None:
+        t1 = time.time()
+        with self.update_lock:
+            stats = self.learner.update(batch)
+        steps = int(batch.mask.sum())
+        self.busy_s += time.time() - t1
+        with self.lock:
+            self.trial_steps += steps
+            if self.learner.updates % 5 == 0:
+                self.recent.append({k: float(v) for k, v in stats.items()})
+                self.recent = self.recent[-200:]
+        if self.learner.updates % self.publish_period == 0:
+            with self.update_lock:
+                self._publish()
+
+    def train_available(self, max_updates: int | None = None) -> int:
+        """Train in this thread on batches sampled now, until the replay's rate limiter says
+        wait (or ``max_updates``); returns the number of updates.  Raises ReplayUnavailable."""
+        n = 0
+        B = self.cfg.trial_batch_size
+        while max_updates is None or n < max_updates:
+            batch = self.replay.sample(B)
+            if batch is None:
+                break
+            self._train_on(batch)
+            n += 1
+        return n
 
     def stop(self) -> bool:
         self.stop_flag.set()

@@ -1,6 +1,6 @@
 """The replay server: a trial buffer behind a lock, a samples-per-insert rate limiter, and
-strict decoding of everything that arrives.  A plain class; ``driver/distributed.py`` makes it
-a Ray actor (threaded, so inserts and samples run concurrently).
+strict decoding of everything that arrives.  A plain class, thread-safe: ``driver/ray_roles.py``
+makes it a threaded Ray actor; the single-process placement calls it directly.
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ class RateLimiter:
 
 class ReplayServer:
     """Owns the trial buffer.  ``insert(payload)`` decodes and stores a msgpack trial batch;
-    ``sample(n)`` returns a msgpack-encoded padded batch, or None when the rate limiter says wait.
+    ``sample_batch(n)`` returns a padded :class:`replay.buffer.TrialBatch` and ``sample(n)`` the
+    same msgpack-encoded (for another process), or None when the rate limiter says wait.
     """
 
     def __init__(self, capacity: int, schema: dict, *, samples_per_insert: float, min_size: int,
@@ -90,6 +91,17 @@ class ReplayServer:
         self.sample_blocked = 0
         self.bytes_in = 0
         self.t0 = time.time()
+
+    @staticmethod
+    def config_kwargs(cfg, spec) -> dict:
+        """The constructor's arguments for a training config and network spec (all but
+        ``seed`` and ``epoch``)."""
+        burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
+        return dict(capacity=cfg.buffer_size,
+                    schema={"obs_dim": spec.obs_dim, "state_size": spec.state_size,
+                            "num_actions": spec.num_actions, "max_burnin": burn},
+                    samples_per_insert=cfg.replay_ratio, min_size=cfg.learning_starts,
+                    batch_size=cfg.trial_batch_size, max_burnin=burn)
 
     def insert(self, payload: bytes, source: str | None = None, seq: int | None = None) -> dict:
         """Returns {"status": "ok"|"retry"|"rejected", "accepted": n, "epoch": e}.  "retry":
@@ -132,14 +144,18 @@ class ReplayServer:
             self.last_reject = reason[:300]
         return {"status": "rejected", "accepted": 0, "reason": reason[:300], "epoch": self.epoch}
 
-    def sample(self, batch_size: int, pad_multiple: int = 1) -> bytes | None:
+    def sample_batch(self, batch_size: int, pad_multiple: int = 1):
         with self.lock:
             if not self.limiter.can_sample(batch_size):
                 self.sample_blocked += 1
                 return None
             batch = self.buffer.sample(batch_size, pad_multiple=pad_multiple, rng=self.rng)
             self.limiter.samples += batch_size
-        return encode_batch(batch)
+        return batch
+
+    def sample(self, batch_size: int, pad_multiple: int = 1) -> bytes | None:
+        batch = self.sample_batch(batch_size, pad_multiple)
+        return None if batch is None else encode_batch(batch)
 
     def stats(self) -> dict:
         with self.lock:

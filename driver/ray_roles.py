@@ -1,0 +1,98 @@
+"""The roles on Ray: each role class wrapped in ``ray.remote``, and Ray versions of what the
+roles are handed (:mod:`common.roles`).  The only place where a role meets Ray.
+
+* :class:`RayReplayClient`: a replay-server actor handle as a :class:`common.roles.ReplayClient`
+  (``ray.get`` with a timeout; a dead or hung server raises ``ReplayUnavailable``; sampled
+  batches arrive msgpack-encoded and are decoded in the caller's process).
+* :func:`ray_store` / :func:`ray_fetch`: weights published with one ``ray.put`` per version,
+  the ref wrapped in a list so that Ray passes it along unresolved.
+* :class:`RayActorWorker`, :class:`RayLearnerWorker`: the roles constructed with those, taking
+  replay actor handles (also in ``set_replay``), plus what only Ray has (the node id).
+"""
+from __future__ import annotations
+
+from actors.worker import ActorWorker
+from common.networks import NetSpec
+from common.roles import ReplayUnavailable, WeightsUnavailable
+from learner.worker import LearnerWorker
+from replay.server import ReplayServer
+from replay.wire import decode_batch
+
+INSERT_TIMEOUT_S = 30.0
+SAMPLE_TIMEOUT_S = 30.0
+FETCH_TIMEOUT_S = 30.0
+
+
+class RayReplayClient:
+    def __init__(self, handle, obs_dim: int, state_size: int):
+        self.handle, self.obs_dim, self.state_size = handle, obs_dim, state_size
+
+    def _get(self, ref, timeout: float):
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+        try:
+            return ray.get(ref, timeout=timeout)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise ReplayUnavailable(str(exc)) from None
+
+    def insert(self, payload: bytes, source: str, seq: int) -> dict:
+        return self._get(self.handle.insert.remote(payload, source, seq), INSERT_TIMEOUT_S)
+
+    def sample(self, batch_size: int):
+        payload = self._get(self.handle.sample.remote(batch_size), SAMPLE_TIMEOUT_S)
+        return None if payload is None else decode_batch(payload, self.obs_dim, self.state_size)
+
+
+def ray_store(data: bytes) -> list:
+    import ray
+    return [ray.put(data)]
+
+
+def ray_fetch(handle: list) -> bytes:
+    import ray
+    from ray.exceptions import GetTimeoutError, ObjectLostError
+    try:
+        return ray.get(handle[0], timeout=FETCH_TIMEOUT_S)
+    except (ObjectLostError, GetTimeoutError) as exc:
+        raise WeightsUnavailable(str(exc)) from None
+
+
+def _client(handle, spec: dict) -> RayReplayClient:
+    ns = NetSpec(**spec)
+    return RayReplayClient(handle, ns.obs_dim, ns.state_size)
+
+
+class RayActorWorker(ActorWorker):
+    def __init__(self, cfg: dict, spec: dict, actor_id: int, num_actors: int, replay, params_msg: bytes,
+                 seed_offset: int = 0):
+        self._spec_d = spec
+        super().__init__(cfg, spec, actor_id, num_actors, _client(replay, spec), params_msg,
+                         seed_offset, fetch=ray_fetch)
+
+    def set_replay(self, replay) -> bool:
+        return super().set_replay(_client(replay, self._spec_d))
+
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayLearnerWorker(LearnerWorker):
+    def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
+                 publish_period: int = 10, prefetch: int = 2, version_floor: int = 0):
+        self._spec_d = spec
+        super().__init__(cfg, spec, _client(replay, spec), checkpoint, publish_period, prefetch,
+                         version_floor, store=ray_store)
+
+    def set_replay(self, replay) -> bool:
+        return super().set_replay(_client(replay, self._spec_d))
+
+
+def remote_role_classes(learner_gpus: float) -> tuple:
+    """(replay, learner, actor) as Ray actor classes: the replay threaded and CPU-free (it
+    lives beside the driver), the learner threaded (``status`` answers while it trains) on
+    one CPU (+ GPU), each actor on one CPU."""
+    import ray
+    return (ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer),
+            ray.remote(num_cpus=1, num_gpus=learner_gpus, max_concurrency=4)(RayLearnerWorker),
+            ray.remote(num_cpus=1)(RayActorWorker))
