@@ -43,6 +43,9 @@ class ReplayClient(Protocol):
         """One training batch, or None while the rate limiter holds the learner back.
         Raises ReplayUnavailable."""
 
+    def episode_prefixes(self, n: int) -> list:
+        """Up to ``n`` (trial, preceding trials of its episode) pairs, for diagnostics."""
+
 
 class Saveable(Protocol):
     def checkpoint_bytes(self) -> bytes: ...
@@ -64,6 +67,9 @@ class LocalReplay:
 
     def sample(self, batch_size: int):
         return self.server.sample_batch(batch_size)
+
+    def episode_prefixes(self, n: int) -> list:
+        return self.server.episode_prefixes(n)
 
 
 def local_store(data: bytes) -> bytes:

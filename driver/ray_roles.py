@@ -42,6 +42,9 @@ class RayReplayClient:
         payload = self._get(self.handle.sample.remote(batch_size), SAMPLE_TIMEOUT_S)
         return None if payload is None else decode_batch(payload, self.obs_dim, self.state_size)
 
+    def episode_prefixes(self, n: int) -> list:
+        return self._get(self.handle.episode_prefixes.remote(n), SAMPLE_TIMEOUT_S)
+
 
 def ray_store(data: bytes) -> list:
     import ray

@@ -20,19 +20,15 @@
 Snapshots (``--replay-snapshot-every N``): every N trials and with every periodic checkpoint
 the driver asks the server for :meth:`ReplayServer.snapshot` bytes and writes them atomically
 to ``checkpoints/replay_snapshot.npz`` (see :mod:`replay.snapshot`); ``resume`` restores the
-replay server from it and writes ``resume.json``.  :class:`LocalReplaySnapshots` does the same
-for the single-process runtime.
+replay server from it and writes ``resume.json`` (``driver/loop.py``, for both placements).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import numpy as np
-
 from driver.experiment import CheckpointError, Experiment
-from replay.snapshot import (SnapshotError, pack_snapshot, read_snapshot_file, rng_from_array,
-                             rng_to_array, write_snapshot_file)
+from replay.snapshot import SnapshotError, read_snapshot_file
 
 SNAPSHOT_NAME = "replay_snapshot.npz"
 _COUNTER_KEYS = ("episodes", "env_steps", "trials", "updates", "trial_steps_trained")
@@ -65,7 +61,7 @@ def snapshot_info(arrays: dict) -> dict:
             "extra": {k[6:]: arrays[k].item() for k in arrays if k.startswith("extra_")}}
 
 
-def _counter_extra(counters) -> dict:
+def counter_extra(counters) -> dict:
     return {k: int(getattr(counters, k)) for k in _COUNTER_KEYS}
 
 
@@ -75,8 +71,7 @@ class RecoveryMixin:
     replay, learner, ck_bytes, replay_cls, learner_cls, actor_cls, cfg_d, spec_d."""
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _init_recovery(self, resume_from: str | None) -> None:
-        self.resume_from = resume_from
+    def _init_recovery(self) -> None:
         self.actor_restarts = 0
         self.replay_restarts = 0
         self.learner_restarts = 0
@@ -90,13 +85,8 @@ class RecoveryMixin:
         self.restores: list[dict] = []
         self.chunk_errors: dict[int, int] = {}
         self.restart_times: dict[int, list[float]] = {}
-        self.snap_path = snapshot_path(self.exp)
-        self.snap_trials = self.counters.trials
         self.ck_counters = self.counters.to_dict()
         self._learner_bytes = None
-        self.resume_snapshot = None
-        if resume_from is not None:
-            self.resume_snapshot = load_resume_snapshot(self.exp)
 
     def _note(self, msg: str) -> None:
         bar = getattr(self, "bar", None)
@@ -111,30 +101,16 @@ class RecoveryMixin:
             seed=self.cfg.seed + self.counters.episodes + 1_000 * self.replay_epoch,
             epoch=self.replay_epoch)
 
-    def _after_replay_started(self) -> None:
-        """On resume: restore the replay server from the snapshot and write resume.json."""
+    def _replay_restore(self, data: bytes, where: str) -> dict:
         import ray
-        if self.resume_from is None:
-            return
-        info, path = None, None
-        if self.resume_snapshot is not None:
-            path, data, _ = self.resume_snapshot
-            try:
-                info = ray.get(self.replay.restore.remote(data, str(path)))
-            except ray.exceptions.RayTaskError as exc:     # it does not fit this configuration
-                raise CheckpointError(str(exc.cause if hasattr(exc, "cause") else exc)) from None
-            self.resume_snapshot = None          # free the bytes
-            self.epoch_start[0] = info["inserted"]
-            self.restores.append(info)
-            self.log(f"Replay restored from {path.name}: {info['size']} trials "
-                     f"({info['inserted']} inserted in all), snapshot taken at episode "
-                     f"{info['extra'].get('episodes')}")
-        else:
-            self.log("No replay snapshot to restore: the replay buffer starts empty")
-        stats = ray.get(self.replay.stats.remote())
-        write_resume_json(self.exp, self.resume_from, self.counters.to_dict(), path, info,
-                          {"size": stats["size"], "inserted": stats["inserted"],
-                           "sampled": stats["sampled"]})
+        try:
+            return ray.get(self.replay.restore.remote(data, where))
+        except ray.exceptions.RayTaskError as exc:     # it does not fit this configuration
+            raise CheckpointError(str(exc.cause if hasattr(exc, "cause") else exc)) from None
+
+    def replay_restored(self, info: dict) -> None:
+        self.epoch_start[0] = info["inserted"]
+        self.restores.append(info)
 
     # -- calls that survive a dead role ------------------------------------------------------------
     def _learner_get(self, name: str, *args, timeout: float = 120.0):
@@ -271,12 +247,6 @@ class RecoveryMixin:
             lost += max(0, self.epoch_start[e] + acked - restored_next)
         return lost
 
-    def _snapshot_replay(self) -> None:
-        self.snap_trials = self.counters.trials      # also after a failed write: retry at the next interval
-        data = self._replay_get("snapshot", _counter_extra(self.counters))
-        write_snapshot_file(self.snap_path, data)
-        self.replay_snapshots += 1
-
     # -- learner ---------------------------------------------------------------------------------
     def _restart_learner(self) -> None:
         import ray
@@ -301,31 +271,21 @@ class RecoveryMixin:
                    f"{self.learner_restarts})")
 
     # -- hooks into the driver loop ----------------------------------------------------------------
-    def _after_save(self, name: str) -> None:
+    def after_save(self, name: str) -> None:
         """A checkpoint was written: it is now what a restarted learner starts from."""
         if self._learner_bytes is not None:
             self.ck_bytes = self._learner_bytes
             self.ck_counters = self.counters.to_dict()
-        if name.startswith("checkpoint_") and self.cfg.replay_snapshot_every > 0:
-            self.guard.attempt("replay snapshot", self._snapshot_replay)
+        super().after_save(name)
 
-    def _tick(self) -> None:
-        """Once per driver-loop turn: test fault hooks, periodic replay snapshot."""
+    def _run_fault_hooks(self) -> None:
         for hook in list(self.fault_hooks):
             hook(self)
-        n = self.cfg.replay_snapshot_every
-        if n > 0 and self.counters.trials - self.snap_trials >= n:
-            self.guard.attempt("replay snapshot", self._snapshot_replay)
 
-    def _final_snapshot(self) -> None:
-        if self.cfg.replay_snapshot_every > 0:
-            self.guard.attempt("replay snapshot", self._snapshot_replay)
-
-    def _fault_metrics(self) -> dict:
-        return {"actor_restarts": self.actor_restarts, "replay_restarts": self.replay_restarts,
-                "learner_restarts": self.learner_restarts,
-                "replay_trials_lost": self.replay_trials_lost(),
-                "replay_snapshots": self.replay_snapshots, "io_errors": self.guard.errors}
+    def fault_metrics(self) -> dict:
+        return {**super().fault_metrics(), "actor_restarts": self.actor_restarts,
+                "replay_restarts": self.replay_restarts, "learner_restarts": self.learner_restarts,
+                "replay_trials_lost": self.replay_trials_lost()}
 
 
 def write_resume_json(exp: Experiment, checkpoint: str, counters: dict, snapshot: Path | None,
@@ -336,64 +296,5 @@ def write_resume_json(exp: Experiment, checkpoint: str, counters: dict, snapshot
         "snapshot": info, "replay": replay_now})
 
 
-class LocalReplaySnapshots:
-    """Replay snapshots for the single-process runtime (same file format as the server's)."""
-
-    def __init__(self, exp: Experiment, cfg, buffer, counters, log=print):
-        self.exp, self.cfg, self.buffer, self.counters, self.log = exp, cfg, buffer, counters, log
-        self.path = snapshot_path(exp)
-        self.last_trials = counters.trials
-
-    def restore(self, rng: np.random.Generator, resume_from: str | None) -> np.random.Generator:
-        """On resume: fill the buffer from the snapshot; returns the sampling RNG to use."""
-        if resume_from is None:
-            return rng
-        snap = load_resume_snapshot(self.exp)
-        info = None
-        if snap is not None:
-            path, _, arrays = snap
-            try:
-                self.buffer.load_state_dict({k[4:]: v for k, v in arrays.items()
-                                             if k.startswith("buf_")})
-                rng = rng_from_array(arrays["rng_state"])
-            except (KeyError, ValueError) as exc:
-                raise CheckpointError(f"replay snapshot {str(path)!r} does not fit this run "
-                                      f"({exc})") from None
-            info = snapshot_info(arrays)
-            self.log(f"Replay restored from {path.name}: {info['size']} trials, snapshot taken "
-                     f"at episode {info['extra'].get('episodes')}")
-        write_resume_json(self.exp, resume_from, self.counters.to_dict(),
-                          snap[0] if snap else None, info,
-                          {"size": len(self.buffer), "inserted": self.buffer.inserted,
-                           "sampled": None})
-        return rng
-
-    def snapshot(self, rng: np.random.Generator) -> None:
-        state = {"buf_" + k: v for k, v in self.buffer.state_dict().items()}
-        state.update(limiter_inserts=self.buffer.inserted,
-                     limiter_samples=self.counters.updates * self.cfg.trial_batch_size,
-                     rejected=0, duplicates=0, rng_state=rng_to_array(rng), epoch=0,
-                     seen_sources=np.zeros(0, "<U64"), seen_seqs=np.zeros(0, np.int64),
-                     time=time.time())
-        for k, v in _counter_extra(self.counters).items():
-            state["extra_" + k] = np.int64(v)
-        self.last_trials = self.counters.trials      # also after a failed write: retry at the next interval
-        write_snapshot_file(self.path, pack_snapshot(state))
-
-    def tick(self, rng: np.random.Generator) -> bool:
-        """A snapshot every --replay-snapshot-every trials; False when none was due."""
-        n = self.cfg.replay_snapshot_every
-        if n > 0 and self.counters.trials - self.last_trials >= n:
-            self.snapshot(rng)
-            return True
-        return False
-
-    def checkpoint(self, rng: np.random.Generator) -> bool:
-        if self.cfg.replay_snapshot_every > 0:
-            self.snapshot(rng)
-            return True
-        return False
-
-
-__all__ = ["RecoveryMixin", "LocalReplaySnapshots", "load_resume_snapshot", "snapshot_info",
-           "snapshot_path", "SNAPSHOT_NAME"]
+__all__ = ["RecoveryMixin", "counter_extra", "load_resume_snapshot", "snapshot_info",
+           "snapshot_path", "write_resume_json", "SNAPSHOT_NAME"]

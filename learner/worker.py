@@ -23,6 +23,7 @@ from common.codec import encode_params
 from common.config import TrainConfig
 from common.networks import NetSpec
 from common.roles import ReplayClient, ReplayUnavailable, WeightsStore, local_store
+from learner.diagnostics import replay_staleness
 from learner.learner import Learner
 
 
@@ -53,6 +54,7 @@ class LearnerWorker:
         self.busy_s = 0.0
         self.trial_steps = 0
         self.recent: list[dict] = []
+        self.staleness: list[dict] = []         # --staleness-every: R2D2's replay-state staleness
         self.error: str | None = None
         self.threads: list[threading.Thread] = []
         self._publish()
@@ -137,6 +139,13 @@ class LearnerWorker:
             if self.learner.updates % 5 == 0:
                 self.recent.append({k: float(v) for k, v in stats.items()})
                 self.recent = self.recent[-200:]
+        every = self.cfg.staleness_every
+        if every and self.cfg.replay_init != "burn-in" and self.learner.updates % every == 0:
+            st = replay_staleness(self.learner.online, self.replay.episode_prefixes(8),
+                                  self.cfg.replay_init)
+            if st:
+                with self.lock:
+                    self.staleness = (self.staleness + [st])[-200:]
         if self.learner.updates % self.publish_period == 0:
             with self.update_lock:
                 self._publish()
@@ -165,9 +174,10 @@ class LearnerWorker:
         """msgpack: updates, version, trial_steps, idle/busy seconds, recent loss stats."""
         with self.lock:
             recent, self.recent = self.recent, []
+            staleness, self.staleness = self.staleness, []
             out = {"updates": self.learner.updates, "version": self.learner.version,
                    "trial_steps": self.trial_steps, "idle_s": self.idle_s, "busy_s": self.busy_s,
-                   "recent": recent, "error": self.error, "device": str(self.learner.device),
+                   "recent": recent, "staleness": staleness, "error": self.error, "device": str(self.learner.device),
                    "replay_errors": self.replay_errors,
                    **self.learner.plasticity()}
         return msgpack.packb(out, use_bin_type=True)

@@ -85,6 +85,7 @@ class ReplayServer:
                                    batch_size=batch_size)
         self.lock = threading.Lock()
         self.rng = np.random.default_rng([seed, 99])
+        self.diag_rng = np.random.default_rng([seed, 0x57A1E])    # diagnostics: not the sampling draws
         self.rejected = 0
         self.last_reject = ""
         self.insert_blocked = 0
@@ -156,6 +157,12 @@ class ReplayServer:
     def sample(self, batch_size: int, pad_multiple: int = 1) -> bytes | None:
         batch = self.sample_batch(batch_size, pad_multiple)
         return None if batch is None else encode_batch(batch)
+
+    def episode_prefixes(self, n: int) -> list:
+        """Up to ``n`` stored trials with the stored trials of their episode before them (the
+        learner's replay-staleness diagnostic), drawn with an RNG of their own."""
+        with self.lock:
+            return self.buffer.episode_prefixes(n, self.diag_rng)
 
     def stats(self) -> dict:
         with self.lock:

@@ -173,7 +173,10 @@ def test_train_writes_config_metrics_checkpoints_and_plots(trained):
         assert r["num_actors"] == 0
     eps = [r["episode"] for r in recs]
     assert eps == sorted(eps) and eps[-1] >= 20
-    assert recs[-1]["updates"] > 0 and recs[-1]["loss"] is not None
+    assert recs[-1]["updates"] > 0
+    # the learner reports its loss every 5 updates: a window that spans 5 updates has one
+    spans = [(a["updates"], b) for a, b in zip(recs, recs[1:]) if b["updates"] - a["updates"] >= 5]
+    assert spans and all(b["loss"] is not None for _, b in spans)
     assert recs[-1]["trials"] >= 20 * cfg.trials_per_episode
 
     ck_dir = trained / "checkpoints"

@@ -167,3 +167,50 @@ def test_roles_never_import_or_call_ray(folder):
     bad = re.compile(r"^\s*(import ray|from ray)|\bray\.", re.M)
     hits = [str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*.py") if bad.search(p.read_text())]
     assert hits == []
+
+
+def test_the_single_process_runtime_runs_the_rate_limiter_acks_and_dedup(tmp_path, monkeypatch):
+    """`train-neurogym --num-actors 0` runs the same roles in one process: the replay's rate
+    limiter holds the learner to samples-per-insert, every shipped trial is acknowledged, and
+    an insert whose acknowledgement is lost is retried and stored once."""
+    import driver.local as local
+    from driver.experiment import Experiment
+    clients = []
+
+    class Flaky(LostAck):
+        def __init__(self, server):
+            super().__init__(server, fail_every=3)
+            self.unacked = 0                  # trials stored whose acknowledgement was lost
+            clients.append(self)
+
+        def insert(self, payload, source, seq):
+            before = self.server.stats()["inserted"]
+            try:
+                return super().insert(payload, source, seq)
+            except ReplayUnavailable:
+                self.unacked += self.server.stats()["inserted"] - before
+                raise
+    monkeypatch.setattr(local, "LocalReplay", Flaky)
+    cfg = TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=100, hidden_dim=16, envs_per_actor=4,
+                      trial_batch_size=8, learning_starts=16, buffer_size=400, replay_ratio=2.0,
+                      num_episodes=12, trials_per_episode=5, eval_trials=0, num_actors=0,
+                      time_limit_minutes=None, seed=1)
+    exp = Experiment(tmp_path, "roles")
+    exp.create(cfg)
+    trainer = local.LocalTrainer(cfg, exp, log=lambda *a: None)
+    summary = trainer.run()
+    server, actor = trainer.replay, trainer.actor
+    st = server.stats()
+    # acks: every trial the driver counted is stored once; the actor holds an acknowledgement
+    # for each, but those whose acknowledgement was lost
+    assert not actor.pending and st["inserted"] == summary["trials"]
+    assert clients[0].unacked > 0 and sum(actor.acked.values()) == st["inserted"] - clients[0].unacked
+    # dedup: each lost acknowledgement was one retry, answered as a duplicate, stored once
+    assert clients and clients[0].calls > st["inserted"] // 8 and actor.replay_errors > 0
+    assert st["duplicates"] == actor.replay_errors
+    # the rate limiter held the learner back and kept it within its slack
+    assert server.sample_blocked > 0 and summary["updates"] > 0
+    assert st["sampled"] <= cfg.replay_ratio * st["inserted"] + server.limiter.error_buffer
+    assert st["sampled"] == summary["updates"] * cfg.trial_batch_size
+    rec = exp.read_metrics()[-1]
+    assert 0 < rec["replay_duplicates"] <= st["duplicates"] and rec["samples_per_insert"] is not None
