@@ -6,7 +6,8 @@ interface.  Ray keeps everything on the loopback address only where it treats th
 non-cluster host (its ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` switch, read into
 ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``); :func:`init_local_ray` turns that on for
 the duration of ``ray.init`` only, so joining a real cluster (``--address``) is unaffected.
-The dashboard is not started, and its agent binds to 127.0.0.1 as well.
+No dashboard web server is started: Ray's headless dashboard process runs but opens no port,
+and the dashboard agent binds to 127.0.0.1 as well.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def loopback_only():
 
 
 def init_local_ray(**kwargs) -> None:
-    """``ray.init`` of a new local node bound to 127.0.0.1, without the dashboard."""
+    """``ray.init`` of a new local node bound to 127.0.0.1, without the dashboard web server."""
     import ray
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("dashboard_host", "127.0.0.1")
