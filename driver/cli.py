@@ -231,7 +231,9 @@ def cmd_train(ns) -> int:
     name = cfg.experiment_name or random_experiment_name()
     cfg.experiment_name = name
     cfg.num_actors = cfg.effective_num_actors        # "auto" resolved and recorded in config.json
-    exp = Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
+    exp = Experiment(cfg.experiments_dir, name)
+    exp.check_free()                                # a live run of this name: exit 2, naming it
+    Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
     _writable_dir(cfg.experiments_dir)
     started = _capacity_preflight(cfg)              # actors that cannot be placed: exit 2
     try:
@@ -256,7 +258,7 @@ def _writable_dir(path: str) -> None:
                          "writable directory")
 
 
-def _capacity_preflight(cfg: TrainConfig) -> bool:
+def _capacity_preflight(cfg: TrainConfig, command: str = "train-neurogym") -> bool:
     """Refuse an actor count the cluster cannot place, before anything is written: on the
     embedded Ray (this machine's CPUs) without starting it; on a cluster (--address,
     RAY_ADDRESS, or a Ray already initialised in this process) by joining it first.  Returns
@@ -268,9 +270,15 @@ def _capacity_preflight(cfg: TrainConfig) -> bool:
     if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
         cpus = os.cpu_count() or 1
         if n + 1 > cpus:
-            raise UsageError(f"train-neurogym: --num-actors {n} needs {n + 1} CPUs (one per actor and "
+            fewer = max(0, cpus - 1)
+            if command == "resume":      # resume takes the count from config.json
+                raise UsageError(f"resume: the run's config.json has num_actors {n}, which needs "
+                                 f"{n + 1} CPUs (one per actor and one for the learner) but this "
+                                 f"machine has {cpus}; set num_actors to {fewer} or fewer there "
+                                 "(0: one process), or join a cluster with RAY_ADDRESS")
+            raise UsageError(f"{command}: --num-actors {n} needs {n + 1} CPUs (one per actor and "
                              f"one for the learner) but this machine has {cpus}; use --num-actors "
-                             f"{max(0, cpus - 1)} or fewer (0: one process), or join a cluster with --address")
+                             f"{fewer} or fewer (0: one process), or join a cluster with --address")
         return False
     from driver.distributed import ClusterError, check_capacity, check_reachable, init_ray
     try:
@@ -278,13 +286,13 @@ def _capacity_preflight(cfg: TrainConfig) -> bool:
             check_reachable(cfg.address)
         started = init_ray(cfg)
     except ClusterError as exc:
-        raise UsageError(f"train-neurogym: {exc}") from exc
+        raise UsageError(f"{command}: {exc}") from exc
     try:
         check_capacity(n)
     except ClusterError as exc:
         if started:
             ray.shutdown()
-        raise UsageError(f"train-neurogym: {exc}") from exc
+        raise UsageError(f"{command}: {exc}") from exc
     return started
 
 
@@ -341,7 +349,9 @@ def cmd_eval(ns) -> int:
                          f"{MAX_EVAL_EPISODES}; the accuracy's stderr is already < 0.002 there")
     exp = _open(ns)
     from driver.commands import run_eval
-    run_eval(exp, num_episodes=ns.num_eval_episodes, checkpoint=ns.checkpoint, seed=ns.seed)
+    import functools
+    run_eval(exp, num_episodes=ns.num_eval_episodes, checkpoint=ns.checkpoint, seed=ns.seed,
+             log=functools.partial(print, flush=True))
     return 0
 
 
@@ -364,8 +374,15 @@ def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
     from driver.commands import run_resume
-    summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes,
-                         checkpoint=ns.checkpoint)
+    # the stored actor count, checked as `train` checks it: before the lock or any write
+    started = _capacity_preflight(exp.load_config(), "resume")
+    try:
+        summary = run_resume(exp, num_episodes=ns.num_episodes,
+                             time_limit_minutes=ns.time_limit_minutes, checkpoint=ns.checkpoint)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
     return _exit_code(summary)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 
 from actors.evaluate import evaluate
@@ -25,13 +26,18 @@ def load_policy_params(exp: Experiment, checkpoint: str | None) -> tuple[NetSpec
     return spec, export_params(net), ck, str(path)
 
 
-# what makes a checkpoint's network: it must agree with the experiment's config
-NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias", "learn_plasticity")
+# the config fields that make a checkpoint's network: they must agree with the experiment's config
+NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias", "learn_plasticity",
+                  "eta", "eta_per_100ms", "lambda_decay", "m_timescale_ms", "lambda_max",
+                  "m_timescale_max_ms", "eta_min_per_100ms")
+# ... and those that make the replay snapshot's layout, which resume restores beside it
+REPLAY_FIELDS = ("buffer_size", "replay_init", "burn_in_steps")
 
 
-def check_checkpoint_matches(ck: dict, cfg, path) -> None:
+def check_checkpoint_matches(ck: dict, cfg, path, fields: tuple = NETWORK_FIELDS) -> None:
     """One line naming the first disagreement between a checkpoint and the experiment's config
-    (task, dt, observation and action sizes, core, hidden size, ...)."""
+    (task, dt, observation and action sizes, core, hidden size, plasticity settings; and any
+    other ``fields`` of the config the checkpoint was trained with)."""
     from common.tasks import task_dims
     from driver.experiment import CheckpointError
     try:
@@ -39,11 +45,12 @@ def check_checkpoint_matches(ck: dict, cfg, path) -> None:
     except TypeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable network spec ({exc})") from exc
     stored = ck.get("config") or {}
-    for f in NETWORK_FIELDS:
+    for f in fields:
         if f in stored and stored[f] != getattr(cfg, f):
+            advice = ("it belongs to another experiment" if f in NETWORK_FIELDS else
+                      "a resumed run keeps its replay layout: put that value back in config.json")
             raise CheckpointError(f"checkpoint {str(path)!r} was trained with {f} = {stored[f]!r} but the "
-                                  f"experiment's config.json says {getattr(cfg, f)!r}; it belongs to "
-                                  "another experiment")
+                                  f"experiment's config.json says {getattr(cfg, f)!r}; {advice}")
     obs_dim, num_actions = task_dims(cfg.env_name, cfg.dt)
     for what, have, want in (("observation size", spec.obs_dim, obs_dim),
                              ("number of actions", spec.num_actions, num_actions),
@@ -54,12 +61,27 @@ def check_checkpoint_matches(ck: dict, cfg, path) -> None:
                                   "experiment")
 
 
+EVAL_PROGRESS_S = 3.0      # seconds between eval's progress lines
+
+
 def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed: int, log=print) -> dict:
+    """Greedy evaluation of a checkpoint: a progress line every ``EVAL_PROGRESS_S`` seconds,
+    then the table, then ``eval.json``."""
     cfg = exp.load_config()
     spec, params, ck, path = load_policy_params(exp, checkpoint)
     n_trials = num_episodes * cfg.trials_per_episode
+    t0 = last = time.time()
+
+    def progress(done: int, need: int, tally) -> None:
+        nonlocal last
+        now = time.time()
+        if done < need and now - last >= EVAL_PROGRESS_S:
+            last = now
+            log(f"eval: {done}/{need} episodes ({100 * done / need:.0f} %), accuracy so far "
+                f"{tally.accuracy:.3f}, {now - t0:.0f} s")
+
     res = evaluate(spec, params, env_name=cfg.env_name, dt=cfg.dt, num_trials=n_trials,
-                   trials_per_episode=cfg.trials_per_episode, seed=seed)
+                   trials_per_episode=cfg.trials_per_episode, seed=seed, progress=progress)
     res["episodes"] = num_episodes
     res["checkpoint"] = path
     res["trained_episodes"] = ck["counters"].get("episodes")
@@ -90,8 +112,9 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
     try:                                   # the table is out first: a failed write loses nothing
         exp.write_json("eval.json", res)
     except OSError as exc:
-        log(f"Could not write {exp.dir / 'eval.json'} ({exc.strerror or exc}); the table above is the result")
-        raise
+        from driver.experiment import ExperimentError
+        raise ExperimentError(f"eval: could not save the result to {exp.dir / 'eval.json'} "
+                              f"({exc.strerror or exc}); the table above is the result") from exc
     log(f"Wrote {exp.dir / 'eval.json'}")
     return res
 
@@ -123,7 +146,8 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
                checkpoint: str | None = None, log=print) -> dict:
     cfg = exp.load_config()
     latest, ck = _resume_point(exp, checkpoint, log)
-    check_checkpoint_matches(ck, cfg, latest)        # before anything is rewritten
+    # before anything is rewritten; budget and runtime fields (episodes, minutes, actors, ...) may differ
+    check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)
     from driver.recovery import load_resume_snapshot
     load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))
@@ -171,8 +195,10 @@ def _resume_point(exp: Experiment, checkpoint: str | None, log) -> tuple:
         return path, load_checkpoint(path)
     cands = exp.checkpoints_newest_first()
     if not cands:
-        raise CheckpointError(f"experiment {exp.name!r} has no checkpoint to resume from "
-                              f"(looked in {exp.checkpoint_dir})")
+        raise CheckpointError(f"experiment {exp.name!r} has no checkpoint to resume from (it stopped "
+                              f"before its first one; looked in {exp.checkpoint_dir}); start it "
+                              f"again with `train-neurogym --experiment-name {exp.name} --overwrite` "
+                              "and the options in its config.json")
     from driver.experiment import _checkpoint_episode
     damaged = []
     for i, path in enumerate(cands):

@@ -95,6 +95,11 @@ class Experiment:
         """Validate that a new run may use this name (writes nothing)."""
         exp = cls(root, name)
         if exp.dir.exists() and not overwrite:
+            if exp.dir.is_dir() and not exp.checkpoints_newest_first():
+                raise ExperimentError(f"experiment {str(exp.dir)!r} already exists but has no "
+                                      "checkpoint to resume from (it stopped before its first one); "
+                                      "pass --overwrite to start it again, or choose another "
+                                      "--experiment-name")
             raise ExperimentError(f"experiment {str(exp.dir)!r} already exists; choose another "
                                   "--experiment-name, pass --overwrite to replace it, or use "
                                   "`resume` to continue it")
@@ -120,7 +125,7 @@ class Experiment:
         lock.  Raises :class:`ExperimentBusy`, naming the holder, if another process holds it."""
         import fcntl
         import socket
-        path = self.dir.parent / f".{self.name}.lock"
+        path = self.lock_path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -133,15 +138,38 @@ class Experiment:
                     if time.time() < deadline:
                         time.sleep(0.5)
                         continue
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise ExperimentBusy(f"experiment {self.name!r} is in use by {holder}, a training "
-                                     "that is still running; wait for it to end or stop it first "
-                                     "(then `resume` continues it)")
+                raise self._busy(fd)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             yield self
         finally:
             os.close(fd)                 # closing the descriptor releases the lock
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir.parent / f".{self.name}.lock"
+
+    def check_free(self) -> None:
+        """Raise :class:`ExperimentBusy`, naming the holder, if a live driver holds the
+        experiment's lock.  Creates and changes nothing (unlike :meth:`lock`)."""
+        import fcntl
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:                  # no lock file (never run) or unreadable: nobody to name
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(fd) from None
+        finally:
+            os.close(fd)
+
+    def _busy(self, fd: int) -> ExperimentBusy:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        return ExperimentBusy(f"experiment {self.name!r} is in use by {holder}, a training that is "
+                              "still running; wait for it to end or stop it first (then `resume` "
+                              "continues it)")
 
     @classmethod
     def open_existing(cls, root: str, name: str) -> "Experiment":
