@@ -235,7 +235,7 @@ def cmd_train(ns) -> int:
     exp.check_free()                                # a live run of this name: exit 2, naming it
     Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
     _writable_dir(cfg.experiments_dir)
-    started = _capacity_preflight(cfg)              # actors that cannot be placed: exit 2
+    started = capacity_preflight(cfg)              # actors that cannot be placed: exit 2
     try:
         with exp.lock():            # a live run of the same name (e.g. under --overwrite): exit 2
             return _train_new(cfg, exp)
@@ -258,15 +258,15 @@ def _writable_dir(path: str) -> None:
                          "writable directory")
 
 
-def _capacity_preflight(cfg: TrainConfig, command: str = "train-neurogym") -> bool:
+def capacity_preflight(cfg: TrainConfig, command: str = "train-neurogym") -> bool:
     """Refuse an actor count the cluster cannot place, before anything is written: on the
     embedded Ray (this machine's CPUs) without starting it; on a cluster (--address,
     RAY_ADDRESS, or a Ray already initialised in this process) by joining it first.  Returns
     True if Ray was started here (the caller shuts it down)."""
-    if cfg.num_actors == 0:
+    n = cfg.effective_num_actors
+    if n == 0:
         return False
     import ray
-    n = cfg.num_actors
     if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
         cpus = os.cpu_count() or 1
         if n + 1 > cpus:
@@ -374,15 +374,8 @@ def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
     from driver.commands import run_resume
-    # the stored actor count, checked as `train` checks it: before the lock or any write
-    started = _capacity_preflight(exp.load_config(), "resume")
-    try:
-        summary = run_resume(exp, num_episodes=ns.num_episodes,
-                             time_limit_minutes=ns.time_limit_minutes, checkpoint=ns.checkpoint)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
+    summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes,
+                         checkpoint=ns.checkpoint)
     return _exit_code(summary)
 
 
@@ -530,12 +523,14 @@ COMMANDS = {"train-neurogym": cmd_train, "eval": cmd_eval, "render": cmd_render,
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     parser = build_parser()
+    command = None
     try:
         ns, extras = parser.parse_known_args(argv)
+        command = getattr(ns, "command", None)
         if extras:
             # Report unknown options from the command's own parser, so that a misspelt option
             # gets a close match among that command's options (the top-level parser has none).
-            owner = parser.command_parsers.get(getattr(ns, "command", None), parser)
+            owner = parser.command_parsers.get(command, parser)
             owner.error(f"unrecognized arguments: {' '.join(extras)}")
         ns.argv = list(sys.argv[1:] if argv is None else argv)
         if ns.command is None:
@@ -556,9 +551,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.errno is not None:
             # a file that cannot be written or read (full disk, read-only, permissions): one line
             where = f" {exc.filename}" if exc.filename else ""
+            then = ""
+            if command in ("train-neurogym", "resume"):
+                then = ", then `resume` continues from the last checkpoint written"
             print(f"mpn-dqn: error: cannot write or read{where}: {exc.strerror}; free space or fix "
-                  "the permissions, then `resume` continues from the last checkpoint written",
-                  file=sys.stderr)
+                  f"the permissions{then}", file=sys.stderr)
             return EXIT_USAGE
         raise
 

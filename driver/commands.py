@@ -153,13 +153,20 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
     done = int(ck["counters"].get("episodes", 0))
     target, time_limit_minutes = resume_budget(cfg, ck["counters"], num_episodes, time_limit_minutes)
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
-    with exp.lock():                # the run is still live: exit 2, nothing touched
-        cfg.save(str(exp.config_path))
-        budget = [f"to episode {target}"] if target is not None else []
-        if time_limit_minutes:
-            budget.append(f"for at most {time_limit_minutes:.2f} min")
-        log(f"Resuming {exp.name} from {latest.name} (episode {done}) {', '.join(budget)}")
-        return _continue(cfg, exp, str(latest), target, log)
+    from driver.cli import capacity_preflight
+    started = capacity_preflight(cfg, "resume")     # as train checks it: actors that cannot be placed
+    try:
+        with exp.lock():            # the run is still live: exit 2, nothing touched
+            cfg.save(str(exp.config_path))
+            budget = [f"to episode {target}"] if target is not None else []
+            if time_limit_minutes:
+                budget.append(f"for at most {time_limit_minutes:.2f} min")
+            log(f"Resuming {exp.name} from {latest.name} (episode {done}) {', '.join(budget)}")
+            return _continue(cfg, exp, str(latest), target, log)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
 
 
 def resume_budget(cfg, counters: dict, num_episodes: int | None,

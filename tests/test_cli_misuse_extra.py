@@ -222,6 +222,30 @@ def test_failed_periodic_writes_are_reported_counted_and_training_goes_on(tmp_pa
     assert (exp.checkpoint_dir / "final_model.pt").exists()          # final writes are not filtered here
 
 
+def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    """The disk stays full to the end: every checkpoint write fails, the final one included; the
+    run ends with one line naming the file and the reason, and exit 2."""
+    import errno
+    import replay.snapshot as snapshot_mod
+    import driver.experiment as experiment_mod
+    real = snapshot_mod.write_atomic
+
+    def full(path, data):
+        if str(path).endswith(".pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+    monkeypatch.setattr(snapshot_mod, "write_atomic", full)
+    monkeypatch.setattr(experiment_mod, "write_atomic", full)
+    rc = main(["train-neurogym", "--num-actors", "0", "--env-name", PDM, "--num-episodes", "8",
+               "--envs-per-actor", "2", "--trials-per-episode", "2", "--learning-starts", "4",
+               "--trial-batch-size", "4", "--hidden-dim", "4", "--eval-trials", "0", "--print-freq", "4",
+               "--checkpoint-freq", "4", "--experiments-dir", str(tmp_path), "--experiment-name", "full"])
+    assert rc == 2
+    msg = _one_line(capsys.readouterr().err)
+    assert "final_model.pt" in msg and "No space left on device" in msg and "`resume`" in msg, msg
+    assert not list((tmp_path / "full" / "checkpoints").glob("*.pt"))
+
+
 def test_an_experiments_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, capsys, monkeypatch):
     f = tmp_path / "file"
     f.write_text("x")
