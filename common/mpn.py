@@ -5,8 +5,8 @@ For one sequence, with x̃_t the observation with a constant channel appended (s
     h_t = tanh(b + (W ⊙ (1 + M_{t-1})) x̃_t)          hidden activity, read by the Q head
     M_t = λ · M_{t-1} + η · h_t x̃_tᵀ                  fast Hebbian state (not a parameter)
 
-W and b learn by backprop; η and λ are fixed or learnable (η any sign, λ = λ_max·σ(θ) so it
-stays in [0, λ_max]).  M is the recurrent *state*: it persists across the trials of an
+W and b learn by backprop; η and λ are fixed or learnable (η any sign, λ in (0, λ_max], η
+optionally floored), stored per 100 ms of task time (see :class:`MPNCore`).  M is the recurrent *state*: it persists across the trials of an
 episode and is zeroed only between episodes.
 
 Storage layout.  M is stored transposed, ``[..., I, H]`` (input index first).  Every term of
@@ -69,24 +69,23 @@ class MPNCore(nn.Module):
     use_cpu_kernels = True   # on CPU, the numba kernels of common/mpn_numba.py when numba is installed
     use_gpu_kernels = True   # on CUDA, the Triton kernels of common/mpn_triton.py when Triton is installed
 
-    def __init__(self, obs_dim: int, hidden_dim: int, *, eta: float = 0.1, lambda_decay: float = 0.95,
-                 learn_plasticity: bool = False, lambda_max: float = 0.99, input_bias: float = 1.0,
-                 time_scale: float = 1.0, eta_min: float | None = None):
+    def __init__(self, obs_dim: int, hidden_dim: int, *, eta_per_step: float = 0.1,
+                 lambda_per_step: float = 0.95, learn_plasticity: bool = False,
+                 lambda_max_per_step: float = 0.99, input_bias: float = 1.0, time_scale: float = 1.0,
+                 eta_min_per_step: float | None = None):
         super().__init__()
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0 (dt / 100 ms), got {time_scale}")
-        # Learnable η and λ are parameterised per 100 ms of task time, not per step:
-        #   η = s · η_param,   λ = min(σ(θ), λ_max^(1/s))^s,   s = time_scale = dt / 100 ms.
-        # η, λ and λ_max passed here are per-step values.  At dt = 100 (s = 1) this is the plain
-        # η = η_param, λ = min(σ(θ), λ_max).  Why per 100 ms: Adam moves every parameter by about lr
-        # per update whatever its scale, so a per-step η of 0.05 at dt = 10 would be moved 10x
-        # faster, relative to its size, than 0.5 at dt = 100 (measured: η fell from 0.05 to 0.003
-        # within 500 episodes of DelayMatchSample at dt = 10 and the agent stayed at chance).
-        # Why λ_max is a clamp (θ projected back onto it after each optimiser step by ``project_``,
-        # which the learner calls) and not a scale λ_max·σ(θ): as a scale, a tighter bound moves
-        # the initial λ up the sigmoid's flat end and slows its learning even where the bound never
-        # binds (measured: with λ_max 0.967 instead of 0.990 at dt 100, λ on ContextDM ended at
-        # 0.88–0.91 instead of 0.75–0.87 and accuracy fell from 0.920 to 0.888, mean of 3 seeds).
+        if not 0 <= lambda_per_step <= 1:
+            raise ValueError(f"lambda_per_step must be in [0, 1], got {lambda_per_step}")
+        # η and λ are stored per 100 ms of task time, learned or fixed (s = time_scale = dt / 100 ms):
+        #     η per step = s · eta_per_100ms,     λ per step = σ(lambda_logit_per_100ms) ** s
+        # Adam moves every parameter by about lr per update whatever its scale, so a learned η or λ
+        # stored per 100 ms moves as fast in task time at any dt.  The bounds (λ ≤ λ_max, η ≥ η_min)
+        # are kept by one mechanism: the stored values are projected onto them at construction and
+        # after every optimiser step (``project_``, which the learner calls).  The forward pass reads
+        # them as they are, so the gradient is the unconstrained one and a value at its bound can
+        # move back; a bound never rescales λ, so it does not slow λ's learning where it does not bind.
         self.time_scale = float(time_scale)
         self.obs_dim = obs_dim
         self.hidden_dim = hidden_dim
@@ -94,50 +93,55 @@ class MPNCore(nn.Module):
         self.in_dim = obs_dim + (1 if input_bias != 0 else 0)
         self.state_size = self.in_dim * hidden_dim
         self.learn_plasticity = learn_plasticity
-        self.lambda_max = float(lambda_max)
-        self.eta_min = None if eta_min is None else float(eta_min)
+        self.lambda_max_per_step = float(lambda_max_per_step)
+        self.eta_min_per_step = None if eta_min_per_step is None else float(eta_min_per_step)
         bound = 1.0 / math.sqrt(self.in_dim)
         self.W = nn.Parameter(torch.empty(hidden_dim, self.in_dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(hidden_dim))
+        lam_100 = lambda_per_step ** (1.0 / self.time_scale)
+        if learn_plasticity:                 # a finite logit, so that λ can learn
+            lam_100 = min(max(lam_100, 1e-4), 1 - 1e-4)
+        eta_100 = torch.tensor(float(eta_per_step) / self.time_scale)
+        logit_100 = torch.logit(torch.tensor(lam_100, dtype=torch.float64)).float()   # ±inf: λ 1 or 0
         if learn_plasticity:
-            ts = self.time_scale
-            frac = min(max(lambda_decay ** (1.0 / ts), 1e-4), 1 - 1e-4)     # λ per 100 ms
-            self.eta_param = nn.Parameter(torch.tensor(float(eta) / ts))
-            self.lambda_logit = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))))
+            self.eta_per_100ms = nn.Parameter(eta_100)
+            self.lambda_logit_per_100ms = nn.Parameter(logit_100)
         else:
-            self.register_buffer("eta_param", torch.tensor(float(eta)))
-            self.register_buffer("lambda_logit", torch.tensor(float(lambda_decay)))
+            self.register_buffer("eta_per_100ms", eta_100)
+            self.register_buffer("lambda_logit_per_100ms", logit_100)
+        self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
+        self.project_()
 
     def plasticity(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(η, λ) as 0-d tensors."""
-        if self.learn_plasticity:
-            ts = self.time_scale
-            lam_ref = torch.sigmoid(self.lambda_logit)                       # λ per 100 ms
-            # min(λ, bound) in value; the gradient passes as if unclamped (straight through), so a
-            # λ held at its bound can still be pulled back down
-            lam_ref = lam_ref - (lam_ref - self._lambda_max_ref).clamp(min=0).detach()
-            eta = self.eta_param * ts
-            if self.eta_min is not None:     # max(η, η_min) in value, the gradient straight through
-                eta = eta + (self.eta_min - eta).clamp(min=0).detach()
-            return eta, lam_ref ** ts
-        return self.eta_param, self.lambda_logit
-
-    @property
-    def _lambda_max_ref(self) -> float:
-        """The bound of λ per 100 ms of task time."""
-        return self.lambda_max ** (1.0 / self.time_scale)
+        """(η, λ) per step, as 0-d tensors."""
+        s = self.time_scale
+        return self.eta_per_100ms * s, torch.sigmoid(self.lambda_logit_per_100ms) ** s
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Put θ back onto the bound of λ, and η_param onto η's floor, after an optimiser step
-        (projected gradient descent): without it θ could run on beyond the bound (λ's value is
-        clamped, its gradient is not) and would take as long to come back.  Plain in-place tensor
-        maths: CUDA-graph safe."""
-        if self.learn_plasticity:
-            top = min(max(self._lambda_max_ref, 1e-6), 1 - 1e-6)
-            self.lambda_logit.clamp_(max=math.log(top / (1 - top)))
-            if self.eta_min is not None:
-                self.eta_param.clamp_(min=self.eta_min / self.time_scale)
+        """Put the stored λ and η back onto their bounds (λ ≤ λ_max, η ≥ η_min) after an
+        optimiser step (projected gradient descent).  Plain in-place tensor maths: CUDA-graph
+        safe.  The bounds are those of learned plasticity: fixed values are used as given."""
+        if not self.learn_plasticity:
+            return
+        s = self.time_scale
+        top = min(max(self.lambda_max_per_step ** (1.0 / s), 1e-6), 1 - 1e-6)
+        self.lambda_logit_per_100ms.clamp_(max=math.log(top / (1 - top)))
+        if self.eta_min_per_step is not None:
+            self.eta_per_100ms.clamp_(min=self.eta_min_per_step / s)
+
+    def _upgrade_state_dict(self, state_dict, prefix, *args) -> None:
+        """Checkpoints that stored ``eta_param`` / ``lambda_logit`` load as today's parameters:
+        learned, they were already per 100 ms; fixed, they held η and λ per step."""
+        old_eta, old_lam = prefix + "eta_param", prefix + "lambda_logit"
+        if old_eta not in state_dict or old_lam not in state_dict:
+            return
+        eta, lam = state_dict.pop(old_eta), state_dict.pop(old_lam)
+        if not self.learn_plasticity:
+            s = self.time_scale
+            eta, lam = (eta.double() / s).to(eta.dtype), torch.logit(lam.double() ** (1.0 / s)).to(lam.dtype)
+        state_dict[prefix + "eta_per_100ms"] = eta
+        state_dict[prefix + "lambda_logit_per_100ms"] = lam
 
     def initial_state(self, batch: int, device=None) -> torch.Tensor:
         return torch.zeros(batch, self.state_size, device=device or self.W.device)

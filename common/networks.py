@@ -35,14 +35,14 @@ class NetSpec:
     obs_dim: int
     num_actions: int
     hidden_dim: int = 128
-    eta: float = 0.1
-    lambda_decay: float = 0.95
+    eta: float = 0.1                  # MPN: η per step (the initial value when learned)
+    lambda_decay: float = 0.95        # MPN: λ per step (the initial value when learned)
     learn_plasticity: bool = False
-    lambda_max: float = 0.99
+    lambda_max: float = 0.99          # MPN: the bound of a learned λ per step
     input_bias: float = 1.0
     dueling: bool = False
-    time_scale: float = 1.0      # dt / 100 ms: learnable η, λ are parameterised per 100 ms (MPNCore)
-    eta_min: Optional[float] = None   # floor of a learnable η per step (None: no floor)
+    time_scale: float = 1.0           # dt / 100 ms (MPNCore stores η and λ per 100 ms of task time)
+    eta_min: Optional[float] = None   # MPN: the floor of a learned η per step (None: no floor)
 
     @property
     def in_dim(self) -> int:
@@ -112,10 +112,10 @@ class QNetwork(nn.Module):
         super().__init__()
         self.spec = spec
         if spec.core == "mpn":
-            self.core = MPNCore(spec.obs_dim, spec.hidden_dim, eta=spec.eta, lambda_decay=spec.lambda_decay,
-                                learn_plasticity=spec.learn_plasticity, lambda_max=spec.lambda_max,
-                                input_bias=spec.input_bias, time_scale=spec.time_scale,
-                                eta_min=spec.eta_min)
+            self.core = MPNCore(spec.obs_dim, spec.hidden_dim, eta_per_step=spec.eta,
+                                lambda_per_step=spec.lambda_decay, learn_plasticity=spec.learn_plasticity,
+                                lambda_max_per_step=spec.lambda_max, input_bias=spec.input_bias,
+                                time_scale=spec.time_scale, eta_min_per_step=spec.eta_min)
         elif spec.core in ("gru", "lstm"):
             self.core = GatedCore(spec.core, spec.obs_dim, spec.hidden_dim, spec.input_bias)
         else:
@@ -152,7 +152,7 @@ def export_params(net: QNetwork) -> dict[str, np.ndarray]:
     out = {}
     for name, t in net.state_dict().items():
         out[name] = t.detach().to("cpu", torch.float32).numpy().copy()
-    if net.spec.core == "mpn" and net.spec.learn_plasticity:
+    if net.spec.core == "mpn":                   # η and λ per step, as the actors' kernels use them
         eta, lam = net.core.plasticity()
         out["core.eta_value"] = np.asarray(float(eta.detach()), dtype=np.float32)
         out["core.lambda_value"] = np.asarray(float(lam.detach()), dtype=np.float32)
@@ -189,12 +189,8 @@ class NumpyPolicy:
         if s.core == "mpn":
             self.Wt = np.ascontiguousarray(p["core.W"].T)                # [I,H]
             self.b = p["core.b"]
-            if s.learn_plasticity:
-                self.eta = float(p["core.eta_value"])
-                self.lam = float(p["core.lambda_value"])
-            else:
-                self.eta = float(p["core.eta_param"])
-                self.lam = float(p["core.lambda_logit"])
+            self.eta = float(p["core.eta_value"])
+            self.lam = float(p["core.lambda_value"])
         else:
             self.w_ih_t = np.ascontiguousarray(p["core.cell.weight_ih"].T)   # [I, G*H]
             self.w_hh_t = np.ascontiguousarray(p["core.cell.weight_hh"].T)   # [H, G*H]

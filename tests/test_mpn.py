@@ -93,24 +93,52 @@ def test_without_constant_channel_the_network_is_blind_at_zero_observation():
     np.testing.assert_array_equal(_q_at_zero_after(net, left), _q_at_zero_after(net, right))
 
 
-def test_learnable_lambda_stays_in_range_and_eta_may_be_negative():
-    core = MPNCore(3, 8, eta=-0.5, lambda_decay=0.9, learn_plasticity=True, lambda_max=0.95)
-    with torch.no_grad():
-        core.lambda_logit.fill_(50.0)
+def test_learnable_lambda_is_projected_into_range_and_eta_may_be_negative():
+    core = MPNCore(3, 8, eta_per_step=-0.5, lambda_per_step=0.9, learn_plasticity=True,
+                   lambda_max_per_step=0.95)
     eta, lam = core.plasticity()
     assert float(eta.detach()) == pytest.approx(-0.5)
-    assert 0.0 <= float(lam.detach()) <= 0.95
-    with torch.no_grad():
-        core.lambda_logit.fill_(-50.0)
-    assert 0.0 <= float(core.plasticity()[1].detach()) <= 0.95
-    assert {n for n, _ in core.named_parameters()} == {"W", "b", "eta_param", "lambda_logit"}
+    assert float(lam.detach()) == pytest.approx(0.9)
+    for logit in (50.0, -50.0):                     # as if an optimiser step had gone far out
+        with torch.no_grad():
+            core.lambda_logit_per_100ms.fill_(logit)
+        core.project_()
+        assert 0.0 <= float(core.plasticity()[1].detach()) <= 0.95 + 1e-6
+    # an initial λ above the bound starts on it
+    high = MPNCore(3, 8, lambda_per_step=0.99, learn_plasticity=True, lambda_max_per_step=0.95)
+    assert float(high.plasticity()[1].detach()) == pytest.approx(0.95, rel=1e-6)
+    assert {n for n, _ in core.named_parameters()} == {"W", "b", "eta_per_100ms", "lambda_logit_per_100ms"}
 
 
-def test_fixed_plasticity_is_not_a_parameter():
-    core = MPNCore(3, 8, eta=0.1, lambda_decay=0.95)
+def test_fixed_plasticity_is_not_a_parameter_and_has_the_same_units():
+    core = MPNCore(3, 8, eta_per_step=0.1, lambda_per_step=0.95)
     assert {n for n, _ in core.named_parameters()} == {"W", "b"}
     eta, lam = core.plasticity()
     assert float(eta) == pytest.approx(0.1) and float(lam) == pytest.approx(0.95)
+    fine = MPNCore(3, 8, eta_per_step=0.01, lambda_per_step=0.95 ** 0.1, time_scale=0.1)
+    assert float(fine.eta_per_100ms) == pytest.approx(float(core.eta_per_100ms))
+    assert float(fine.lambda_logit_per_100ms) == pytest.approx(float(core.lambda_logit_per_100ms), rel=1e-5)
+    for lam in (0.0, 1.0):                           # no decay / no memory, exactly
+        assert float(MPNCore(3, 8, lambda_per_step=lam, time_scale=0.1).plasticity()[1]) == lam
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_a_checkpoint_with_the_old_parameter_names_loads_with_the_same_eta_and_lambda(learn):
+    """Checkpoints stored ``eta_param`` / ``lambda_logit``: learned, per 100 ms (η, the logit of
+    λ); fixed, η and λ per step.  They load as the same η and λ per step."""
+    core = MPNCore(3, 8, eta_per_step=0.04, lambda_per_step=0.99, learn_plasticity=learn,
+                   lambda_max_per_step=0.999, time_scale=0.1)
+    sd = core.state_dict()
+    eta, lam = (float(v.detach()) for v in core.plasticity())
+    if learn:
+        old = {"eta_param": sd["eta_per_100ms"], "lambda_logit": sd["lambda_logit_per_100ms"]}
+    else:
+        old = {"eta_param": torch.tensor(eta), "lambda_logit": torch.tensor(lam)}
+    other = MPNCore(3, 8, eta_per_step=0.3, lambda_per_step=0.5, learn_plasticity=learn,
+                    lambda_max_per_step=0.999, time_scale=0.1)
+    other.load_state_dict({"W": sd["W"], "b": sd["b"], **old})
+    e2, l2 = (float(v.detach()) for v in other.plasticity())
+    assert e2 == pytest.approx(eta, rel=1e-6) and l2 == pytest.approx(lam, rel=1e-6)
 
 
 def test_masked_steps_leave_the_state_unchanged():
@@ -128,7 +156,7 @@ def test_masked_steps_leave_the_state_unchanged():
 @pytest.mark.parametrize("learn", [False, True])
 def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
     torch.manual_seed(0)
-    core = MPNCore(3, 10, eta=0.3, lambda_decay=0.8, learn_plasticity=learn).double()
+    core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn).double()
     x = torch.randn(4, 15, 3, dtype=torch.float64)
     s0 = (0.2 * torch.randn(4, core.state_size, dtype=torch.float64)).requires_grad_()
     w = torch.randn(4, 15, 10, dtype=torch.float64)
@@ -150,7 +178,7 @@ def test_cpu_kernels_match_the_torch_scan(learn):
     from common import mpn_numba
     assert mpn_numba.available(), "numba is a dependency: pip install -e ."
     torch.manual_seed(1)
-    core = MPNCore(3, 10, eta=0.3, lambda_decay=0.8, learn_plasticity=learn).double()
+    core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn).double()
     x = torch.randn(4, 15, 3, dtype=torch.float64)
     x[:, 5:8] = 0.0
     s0 = (0.2 * torch.randn(4, core.state_size, dtype=torch.float64)).requires_grad_()
@@ -178,20 +206,20 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
     """At dt = 10 (time_scale 0.1) the per-step η, λ start at the given values, and one unit of
     change in the raw parameters moves η and the time constant as much as at dt = 100."""
     lam100 = math.exp(-100 / 1950)
-    coarse = MPNCore(3, 8, eta=0.5, lambda_decay=lam100, learn_plasticity=True,
-                     lambda_max=math.exp(-100 / 10000), time_scale=1.0)
-    fine = MPNCore(3, 8, eta=0.05, lambda_decay=lam100 ** 0.1, learn_plasticity=True,
-                   lambda_max=math.exp(-10 / 10000), time_scale=0.1)
+    coarse = MPNCore(3, 8, eta_per_step=0.5, lambda_per_step=lam100, learn_plasticity=True,
+                     lambda_max_per_step=math.exp(-100 / 10000), time_scale=1.0)
+    fine = MPNCore(3, 8, eta_per_step=0.05, lambda_per_step=lam100 ** 0.1, learn_plasticity=True,
+                   lambda_max_per_step=math.exp(-10 / 10000), time_scale=0.1)
     eta, lam = fine.plasticity()
     assert float(eta.detach()) == pytest.approx(0.05, rel=1e-6)
     assert float(lam.detach()) == pytest.approx(lam100 ** 0.1, rel=1e-6)
     # the raw parameters coincide, so an optimiser step moves both the same way in task time
-    assert float(fine.eta_param.detach()) == pytest.approx(float(coarse.eta_param.detach()), rel=1e-6)
-    assert float(fine.lambda_logit.detach()) == pytest.approx(float(coarse.lambda_logit.detach()), rel=1e-5)
+    assert float(fine.eta_per_100ms.detach()) == pytest.approx(float(coarse.eta_per_100ms.detach()), rel=1e-6)
+    assert float(fine.lambda_logit_per_100ms.detach()) == pytest.approx(float(coarse.lambda_logit_per_100ms.detach()), rel=1e-5)
     with torch.no_grad():
         for core in (coarse, fine):
-            core.eta_param.add_(0.1)
-            core.lambda_logit.add_(0.3)
+            core.eta_per_100ms.add_(0.1)
+            core.lambda_logit_per_100ms.add_(0.3)
     (e1, l1), (e10, l10) = [[float(v.detach()) for v in c.plasticity()] for c in (coarse, fine)]
     assert e10 * 10 == pytest.approx(e1, rel=1e-5)          # η per 100 ms equal
     assert l10 ** 10 == pytest.approx(l1, rel=1e-5)         # decay per 100 ms equal
@@ -206,8 +234,9 @@ def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
     c = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0)
     assert c.effective_lambda_max == pytest.approx(math.exp(-10 / 3000))
     core = QNetwork(NetSpec.from_config(c, 3, 3)).core
-    for _ in range(3):                                   # push λ up hard: it stays under the bound
-        core.lambda_logit.data += 50.0
+    for _ in range(3):                                   # push λ up hard: projected under the bound
+        core.lambda_logit_per_100ms.data += 50.0
+        core.project_()
         assert float(core.plasticity()[1].detach()) <= math.exp(-10 / 3000) + 1e-7
     assert TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0,
                        lambda_max=0.999).effective_lambda_max == 0.999
@@ -223,11 +252,11 @@ def test_the_bound_on_lambda_does_not_slow_its_learning_where_it_does_not_bind()
     grads = []
     for lam_max in (math.exp(-100 / 3000), math.exp(-100 / 10000)):
         torch.manual_seed(0)
-        core = MPNCore(3, 8, eta=0.5, lambda_decay=0.95, learn_plasticity=True, lambda_max=lam_max)
+        core = MPNCore(3, 8, eta_per_step=0.5, lambda_per_step=0.95, learn_plasticity=True, lambda_max_per_step=lam_max)
         h, _ = core(x, core.initial_state(4))
         h.square().sum().backward()
         assert float(core.plasticity()[1].detach()) == pytest.approx(0.95, rel=1e-6)
-        grads.append(float(core.lambda_logit.grad))
+        grads.append(float(core.lambda_logit_per_100ms.grad))
     assert grads[0] != 0.0
     assert grads[0] == pytest.approx(grads[1], rel=1e-6)
 
@@ -242,8 +271,8 @@ def _random_batch(state_size: int, B: int = 4, T: int = 6):
 
 
 def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
-    """After every update θ sits at or below the bound, so λ ≤ λ_max; at the bound the clamp
-    still passes the gradient, so λ can come back down."""
+    """After every update θ sits at or below the bound, so λ ≤ λ_max; at the bound the gradient
+    is the unconstrained one, so λ can come back down."""
     from learner.learner import Learner
     spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=8, learn_plasticity=True,
                    eta=0.5, lambda_decay=0.95, lambda_max=0.96)
@@ -252,21 +281,21 @@ def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
     top = math.log(0.96 / 0.04)
     batch = _random_batch(core.state_size)
     with torch.no_grad():
-        core.lambda_logit.fill_(top + 5.0)          # as if an optimiser step had overshot the bound
+        core.lambda_logit_per_100ms.fill_(top + 5.0)          # as if an optimiser step had overshot the bound
     learner.update(batch)
-    assert float(core.lambda_logit) <= top + 1e-6
+    assert float(core.lambda_logit_per_100ms) <= top + 1e-6
     assert float(core.plasticity()[1].detach()) <= 0.96 + 1e-6
     core.zero_grad()
     with torch.no_grad():
-        core.lambda_logit.fill_(top)                # exactly at the bound
+        core.lambda_logit_per_100ms.fill_(top)                # exactly at the bound
     h, _ = core(batch.obs, batch.init_state)
     h.sum().backward()
-    assert float(core.lambda_logit.grad) != 0.0
+    assert float(core.lambda_logit_per_100ms.grad) != 0.0
 
 
 def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
-    """--eta-min-per-100ms: η ≥ its floor after every update (η_param projected back), the floor
-    passes the gradient straight through (η can rise again) and is scaled per 100 ms of task time."""
+    """--eta-min-per-100ms: η ≥ its floor after every update (the stored η projected back); at
+    the floor the gradient is the unconstrained one (η can rise again); the floor is per 100 ms."""
     from common.config import ConfigError, TrainConfig
     from learner.learner import Learner
     cfg = TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=0.1)
@@ -277,17 +306,16 @@ def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
     core = learner.online.core
     batch = _random_batch(core.state_size)
     with torch.no_grad():
-        core.eta_param.fill_(-0.3)                  # as if an optimiser step had gone below the floor
-    assert float(core.plasticity()[0].detach()) == pytest.approx(0.01)    # clamped in value
+        core.eta_per_100ms.fill_(-0.3)                  # as if an optimiser step had gone below the floor
     learner.update(batch)
-    assert float(core.eta_param) >= 0.1 - 1e-6      # projected: the floor per 100 ms
+    assert float(core.eta_per_100ms) >= 0.1 - 1e-6      # projected: the floor per 100 ms
     assert float(core.plasticity()[0].detach()) >= 0.01 - 1e-7
     core.zero_grad()
     with torch.no_grad():
-        core.eta_param.fill_(0.1)                   # exactly at the floor
+        core.eta_per_100ms.fill_(0.1)                   # exactly at the floor
     h, _ = core(batch.obs, batch.init_state)
     h.sum().backward()
-    assert float(core.eta_param.grad) != 0.0
+    assert float(core.eta_per_100ms.grad) != 0.0
     assert NetSpec(**{k: v for k, v in spec.to_dict().items() if k != "eta_min"}).eta_min is None
     with pytest.raises(ConfigError, match="eta-min-per-100ms"):
         TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=1.0)
