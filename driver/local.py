@@ -3,7 +3,7 @@ learner in this process, no Ray (``--num-actors 0``).
 
 The roles are the classes the Ray placement distributes (``replay/server.py``,
 ``actors/worker.py``, ``learner/worker.py``), handed in-process clients (:mod:`common.roles`).
-Each loop turn the actor takes one vectorised env step and ships its trials, then the learner
+Each loop turn the actor takes a few vectorised env steps and ships its trials, then the learner
 trains on as many batches as the replay's samples-per-insert rate limiter allows.  Nothing
 depends on thread timing, so a run is the same draw for draw every time: the reference for
 debugging and the deterministic path for tests.
@@ -24,6 +24,7 @@ from replay.server import ReplayServer
 from replay.snapshot import SnapshotError
 
 PUBLISH_EVERY_UPDATES = 10      # actors see new weights every 10 updates (as on Ray)
+CHUNK_STEPS = 8                 # vectorised env steps the actor takes per loop turn
 
 
 class LocalTrainer(TrainingLoop):
@@ -48,7 +49,7 @@ class LocalTrainer(TrainingLoop):
         self.telemetry = Telemetry(self.exp.dir, runtime="local")     # TensorBoard + heartbeat.json
 
     def next_chunks(self) -> list[tuple[int, dict]]:
-        summary = self.actor.run_chunk(self.counters.env_steps, self.weights, steps=1)
+        summary = self.actor.run_chunk(self.counters.env_steps, self.weights, steps=CHUNK_STEPS)
         self.learner.train_available()
         self.weights = self.learner.latest_weights()
         return [(0, msgpack.unpackb(summary, raw=False))]

@@ -10,6 +10,9 @@ on the old code, which is not part of this project).
 
     python tests/benchmarks/bench_system.py [--seconds 60] [--actors 1 2] [--replay-ratio 4]
     python tests/benchmarks/bench_system.py --scaling      # actors 1 vs 2 with a light learner
+    python tests/benchmarks/bench_system.py --baseline-rev HEAD~1 --actors 0 1 --repeats 3
+        # this tree against another commit (a temporary git worktree), runs alternating,
+        # medians and the ratio this / baseline per actor count
 
 Last line: one JSON object.
 """
@@ -29,13 +32,16 @@ OLD_TRAINER_ENV_STEPS_PER_S = 192.0
 
 
 def run(actors: int, seconds: float, replay_ratio: float, env_name: str, warmup_s: float,
-        extra: list[str]) -> dict:
+        extra: list[str], root: Path = ROOT) -> dict:
     tmp = tempfile.mkdtemp(prefix="bench-system-")
     cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", env_name, "--num-actors", str(actors),
            "--num-episodes", "100000000", "--time-limit-minutes", str(seconds / 60), "--print-freq", "50",
            "--eval-trials", "0", "--replay-ratio", str(replay_ratio), "--experiments-dir", tmp,
            "--experiment-name", "bench", *extra]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # PYTHONPATH: the tree's own modules, also in Ray's worker processes (an editable install
+    # of another checkout would otherwise win there)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"run failed: {p.stderr[-2000:]}")
     recs = [json.loads(line) for line in open(os.path.join(tmp, "bench", "metrics.jsonl"))]
@@ -72,8 +78,14 @@ def main():
     ap.add_argument("--env-name", default="ContextDecisionMaking-v0")
     ap.add_argument("--scaling", action="store_true",
                     help="measure actor scaling 1 -> 2 with a light learner (replay ratio 0.1)")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="also run a git revision (checked out in a temporary worktree) and print "
+                         "the ratio of this tree's env steps/s to it, per actor count")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians)")
     args, extra = ap.parse_known_args()
     rr = 0.1 if args.scaling else args.replay_ratio
+    if args.baseline_rev:
+        return compare(args, rr, extra)
     results = []
     for n in args.actors:
         r = run(n, args.seconds, rr, args.env_name, args.warmup_s, extra)
@@ -98,6 +110,41 @@ def main():
                   f"{summary['per_actor_cpu_efficiency']:.2f} (1.0: an added core's worth of actor "
                   f"time yields as much as the first)")
     print(json.dumps(summary))
+
+
+def compare(args, rr: float, extra: list[str]) -> None:
+    """This tree against ``--baseline-rev``: alternating runs, medians, ratios."""
+    wt = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.baseline_rev], cwd=ROOT,
+                   check=True, capture_output=True)
+    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline_rev], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        rows = []
+        for n in args.actors:
+            got = {"this": [], "baseline": []}
+            for _ in range(args.repeats):
+                for which, root in (("baseline", wt), ("this", ROOT)):
+                    r = run(n, args.seconds, rr, args.env_name, args.warmup_s, extra, root)
+                    got[which].append(r)
+                    print(f"{n} actor(s) {which:8s}: {r['env_steps_per_s']:8.0f} env steps/s, "
+                          f"{r['updates_per_s']:.1f} upd/s, replay ratio {r['replay_ratio_achieved']:.2f}",
+                          flush=True)
+            med = {w: {k: statistics.median([r[k] for r in rs]) for k in ("env_steps_per_s", "updates_per_s")}
+                   for w, rs in got.items()}
+            ratio = med["this"]["env_steps_per_s"] / med["baseline"]["env_steps_per_s"]
+            upd = med["this"]["updates_per_s"] / max(1e-9, med["baseline"]["updates_per_s"])
+            print(f"{n} actor(s): median env steps/s {med['this']['env_steps_per_s']:.0f} vs "
+                  f"{med['baseline']['env_steps_per_s']:.0f} at {rev}: ratio {ratio:.2f}; updates/s ratio "
+                  f"{upd:.2f}", flush=True)
+            rows.append({"actors": n, "env_steps_per_s": round(med["this"]["env_steps_per_s"], 1),
+                         "env_steps_per_s_baseline": round(med["baseline"]["env_steps_per_s"], 1),
+                         "ratio": round(ratio, 3), "updates_per_s_ratio": round(upd, 3)})
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+    print(json.dumps({"benchmark": "system", "mode": "compare", "env_name": args.env_name,
+                      "baseline_rev": rev, "repeats": args.repeats, "seconds": args.seconds,
+                      "results": rows}))
 
 
 if __name__ == "__main__":
