@@ -66,7 +66,7 @@ class MPNCore(nn.Module):
 
     kind = "mpn"
     use_scan = True     # the fused sequence op (MPNScan) for unmasked sequences; the loop is the reference
-    use_cpu_kernels = True   # on CPU, the numba kernels of common/mpn_numba.py when numba is installed
+    use_cpu_kernels = True   # on CPU, the numba kernels of common/mpn_numba.py
     use_gpu_kernels = True   # on CUDA, the Triton kernels of common/mpn_triton.py when Triton is installed
 
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta_per_step: float = 0.1,
@@ -351,10 +351,7 @@ class MPNScanCPU(torch.autograd.Function):
 
 
 def _use_cpu_kernels(x: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not MPNCore.use_cpu_kernels:
-        return False
-    from common import mpn_numba
-    return mpn_numba.available()
+    return MPNCore.use_cpu_kernels and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 def _use_triton_kernels(x: torch.Tensor) -> bool:

@@ -2,145 +2,130 @@
 
 The same recurrence as :class:`common.mpn.MPNScan` (see its docstring for the equations), but
 one pass per trial with that trial's M (``[I,H]``, a few KiB) kept hot in cache, instead of
-~5 torch ops per step over the whole batch.  Used automatically by ``mpn_scan`` for CPU tensors
-when numba is installed (``MPN_DQN_NUMBA=0`` turns it off); tests check it against the torch
-path.  Layout: time-major, x [T,B,I], M [B,I,H].
+~5 torch ops per step over the whole batch.  Used by ``mpn_scan`` for CPU tensors
+(``MPNCore.use_cpu_kernels = False`` selects the torch path instead); tests check it against
+the torch path.  Layout: time-major, x [T,B,I], M [B,I,H].
 """
 from __future__ import annotations
 
-import os
-
+import numba
 import numpy as np
 
-try:  # numba is optional: without it the torch implementation runs
-    import numba
-    _HAVE_NUMBA = os.environ.get("MPN_DQN_NUMBA", "1") != "0"
-except ImportError:  # pragma: no cover
-    numba = None
-    _HAVE_NUMBA = False
+@numba.njit(cache=True, inline="always")
+def _tanh(v):
+    # tanh via one exp (cheaper than libm's tanh): (1 - e) / (1 + e), e = exp(-2|v|)
+    e = np.exp(-2.0 * abs(v))
+    r = (1.0 - e) / (1.0 + e)
+    return r if v >= 0 else -r
 
-
-def available() -> bool:
-    return _HAVE_NUMBA
-
-
-if _HAVE_NUMBA:
-    @numba.njit(cache=True, inline="always")
-    def _tanh(v):
-        # tanh via one exp (cheaper than libm's tanh): (1 - e) / (1 + e), e = exp(-2|v|)
-        e = np.exp(-2.0 * abs(v))
-        r = (1.0 - e) / (1.0 + e)
-        return r if v >= 0 else -r
-
-    @numba.njit(cache=True, fastmath=False, nogil=True)
-    def scan_forward(xs, M0, Wt, b, eta, lam, Ms, hs):
-        """xs [T,B,I]; M0 [B,I,H]; Wt [I,H]; b [H].  Writes Ms [T+1,B,I,H] (Ms[t] = state read by
-        step t) and hs [T,B,H].  (Ms may have leading size 2 to keep only ping-pong states.)"""
-        T, B, I = xs.shape
-        H = Wt.shape[1]
-        keep = Ms.shape[0] == T + 1
-        M = np.empty((I, H), dtype=xs.dtype)
-        pre = np.empty(H, dtype=xs.dtype)
-        for bb in range(B):
-            M[:, :] = M0[bb]
-            for t in range(T):
-                if keep:
-                    Ms[t, bb] = M
-                for h in range(H):
-                    pre[h] = b[h]
-                for i in range(I):
-                    xi = xs[t, bb, i]
-                    if xi != 0.0:
-                        for h in range(H):
-                            pre[h] += xi * Wt[i, h] * (1.0 + M[i, h])
-                for h in range(H):
-                    hs[t, bb, h] = _tanh(pre[h])
-                for i in range(I):
-                    exi = eta * xs[t, bb, i]
-                    for h in range(H):
-                        M[i, h] = lam * M[i, h] + exi * hs[t, bb, h]
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def scan_forward(xs, M0, Wt, b, eta, lam, Ms, hs):
+    """xs [T,B,I]; M0 [B,I,H]; Wt [I,H]; b [H].  Writes Ms [T+1,B,I,H] (Ms[t] = state read by
+    step t) and hs [T,B,H].  (Ms may have leading size 2 to keep only ping-pong states.)"""
+    T, B, I = xs.shape
+    H = Wt.shape[1]
+    keep = Ms.shape[0] == T + 1
+    M = np.empty((I, H), dtype=xs.dtype)
+    pre = np.empty(H, dtype=xs.dtype)
+    for bb in range(B):
+        M[:, :] = M0[bb]
+        for t in range(T):
             if keep:
-                Ms[T, bb] = M
-            else:
-                Ms[T % 2, bb] = M
-
-    @numba.njit(cache=True, fastmath=False, nogil=True)
-    def scan_backward(xs, Ms, hs, Wt, eta, lam, g_hs, g_MT, gM0, gWt, gb):
-        """Reverse pass.  g_hs [T,B,H]; g_MT [B,I,H] (∂L/∂M_T).  Writes gM0 [B,I,H], and
-        accumulates gWt [I,H], gb [H].  Returns (g_eta, g_lam)."""
-        T, B, I = xs.shape
-        H = Wt.shape[1]
-        G = np.empty((I, H), dtype=xs.dtype)
-        ga = np.empty(H, dtype=xs.dtype)
-        g_eta = 0.0
-        g_lam = 0.0
-        for bb in range(B):
-            G[:, :] = g_MT[bb]
-            for t in range(T - 1, -1, -1):
-                # G = ∂L/∂M_t.  h_t feeds M_t: ∂L/∂h_t += η Σ_i x_i G[i,:]
-                for h in range(H):
-                    ga[h] = 0.0
-                for i in range(I):
-                    xi = xs[t, bb, i]
-                    if xi != 0.0:
-                        for h in range(H):
-                            ga[h] += xi * G[i, h]
-                for h in range(H):
-                    hv = hs[t, bb, h]
-                    g_eta += ga[h] * hv
-                    ga[h] = (g_hs[t, bb, h] + eta * ga[h]) * (1.0 - hv * hv)
-                    gb[h] += ga[h]
-                for i in range(I):
-                    xi = xs[t, bb, i]
-                    for h in range(H):
-                        m = Ms[t, bb, i, h]
-                        g_lam += G[i, h] * m
-                        gxa = xi * ga[h]
-                        gWt[i, h] += gxa * (1.0 + m)
-                        G[i, h] = lam * G[i, h] + gxa * Wt[i, h]
-            gM0[bb] = G
-        return g_eta, g_lam
-
-
-
-if _HAVE_NUMBA:
-    @numba.njit(cache=True, fastmath=True, nogil=True)
-    def _policy_pre(obs, M, Wt, b, input_bias, x_out, pre_out):
-        """x̃ = [obs, input_bias] -> x_out [K,I];  b + (W ⊙ (1 + M)) x̃ -> pre_out [K,H]."""
-        K, O = obs.shape
-        I, H = Wt.shape
-        one = M.dtype.type(1.0)
-        for k in range(K):
-            for i in range(O):
-                x_out[k, i] = obs[k, i]
-            if I > O:
-                x_out[k, O] = input_bias
+                Ms[t, bb] = M
             for h in range(H):
-                pre_out[k, h] = b[h]
+                pre[h] = b[h]
             for i in range(I):
-                xi = x_out[k, i]
+                xi = xs[t, bb, i]
                 if xi != 0.0:
                     for h in range(H):
-                        pre_out[k, h] += xi * Wt[i, h] * (one + M[k, i, h])
-
-    @numba.njit(cache=True, fastmath=True, nogil=True)
-    def _policy_hebb(x, h, M, eta, lam):
-        """M <- λ M + η x̃ hᵀ, in place (M [K,I,H])."""
-        K, I, H = M.shape
-        for k in range(K):
+                        pre[h] += xi * Wt[i, h] * (1.0 + M[i, h])
+            for h in range(H):
+                hs[t, bb, h] = _tanh(pre[h])
             for i in range(I):
-                exi = eta * x[k, i]
-                for hh in range(H):
-                    M[k, i, hh] = lam * M[k, i, hh] + exi * h[k, hh]
+                exi = eta * xs[t, bb, i]
+                for h in range(H):
+                    M[i, h] = lam * M[i, h] + exi * hs[t, bb, h]
+        if keep:
+            Ms[T, bb] = M
+        else:
+            Ms[T % 2, bb] = M
 
-    def policy_step(obs, M, Wt, b, eta, lam, input_bias, h_out, x_work):
-        """One MPN step for K envs, the actor's hot path (same maths as ``mpn_step_numpy``).
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def scan_backward(xs, Ms, hs, Wt, eta, lam, g_hs, g_MT, gM0, gWt, gb):
+    """Reverse pass.  g_hs [T,B,H]; g_MT [B,I,H] (∂L/∂M_T).  Writes gM0 [B,I,H], and
+    accumulates gWt [I,H], gb [H].  Returns (g_eta, g_lam)."""
+    T, B, I = xs.shape
+    H = Wt.shape[1]
+    G = np.empty((I, H), dtype=xs.dtype)
+    ga = np.empty(H, dtype=xs.dtype)
+    g_eta = 0.0
+    g_lam = 0.0
+    for bb in range(B):
+        G[:, :] = g_MT[bb]
+        for t in range(T - 1, -1, -1):
+            # G = ∂L/∂M_t.  h_t feeds M_t: ∂L/∂h_t += η Σ_i x_i G[i,:]
+            for h in range(H):
+                ga[h] = 0.0
+            for i in range(I):
+                xi = xs[t, bb, i]
+                if xi != 0.0:
+                    for h in range(H):
+                        ga[h] += xi * G[i, h]
+            for h in range(H):
+                hv = hs[t, bb, h]
+                g_eta += ga[h] * hv
+                ga[h] = (g_hs[t, bb, h] + eta * ga[h]) * (1.0 - hv * hv)
+                gb[h] += ga[h]
+            for i in range(I):
+                xi = xs[t, bb, i]
+                for h in range(H):
+                    m = Ms[t, bb, i, h]
+                    g_lam += G[i, h] * m
+                    gxa = xi * ga[h]
+                    gWt[i, h] += gxa * (1.0 + m)
+                    G[i, h] = lam * G[i, h] + gxa * Wt[i, h]
+        gM0[bb] = G
+    return g_eta, g_lam
 
-        obs [K,O] raw observations (the constant channel ``input_bias`` is appended when it is
-        non-zero, so I = O+1; otherwise I = O); M [K,I,H] float32, updated in place; Wt [I,H];
-        b [H].  Writes h [K,H] into ``h_out`` (x_work [K,I] is scratch).  Two compiled loops
-        around numpy's vectorised float32 tanh (a scalar tanh in the loop cost 2/3 of the step).
-        """
-        _policy_pre(obs, M, Wt, b, input_bias, x_work, h_out)
-        np.tanh(h_out, out=h_out)
-        _policy_hebb(x_work, h_out, M, eta, lam)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _policy_pre(obs, M, Wt, b, input_bias, x_out, pre_out):
+    """x̃ = [obs, input_bias] -> x_out [K,I];  b + (W ⊙ (1 + M)) x̃ -> pre_out [K,H]."""
+    K, O = obs.shape
+    I, H = Wt.shape
+    one = M.dtype.type(1.0)
+    for k in range(K):
+        for i in range(O):
+            x_out[k, i] = obs[k, i]
+        if I > O:
+            x_out[k, O] = input_bias
+        for h in range(H):
+            pre_out[k, h] = b[h]
+        for i in range(I):
+            xi = x_out[k, i]
+            if xi != 0.0:
+                for h in range(H):
+                    pre_out[k, h] += xi * Wt[i, h] * (one + M[k, i, h])
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _policy_hebb(x, h, M, eta, lam):
+    """M <- λ M + η x̃ hᵀ, in place (M [K,I,H])."""
+    K, I, H = M.shape
+    for k in range(K):
+        for i in range(I):
+            exi = eta * x[k, i]
+            for hh in range(H):
+                M[k, i, hh] = lam * M[k, i, hh] + exi * h[k, hh]
+
+def policy_step(obs, M, Wt, b, eta, lam, input_bias, h_out, x_work):
+    """One MPN step for K envs, the actor's hot path (same maths as ``mpn_step_numpy``).
+
+    obs [K,O] raw observations (the constant channel ``input_bias`` is appended when it is
+    non-zero, so I = O+1; otherwise I = O); M [K,I,H] float32, updated in place; Wt [I,H];
+    b [H].  Writes h [K,H] into ``h_out`` (x_work [K,I] is scratch).  Two compiled loops
+    around numpy's vectorised float32 tanh (a scalar tanh in the loop cost 2/3 of the step).
+    """
+    _policy_pre(obs, M, Wt, b, input_bias, x_work, h_out)
+    np.tanh(h_out, out=h_out)
+    _policy_hebb(x_work, h_out, M, eta, lam)

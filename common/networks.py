@@ -163,16 +163,18 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-# the actor's fused MPN step (numba), or None: the numpy ops are used
-_numba_step = mpn_numba.policy_step if mpn_numba.available() else None
 
 
 class NumpyPolicy:
     """The Q-network in numpy for K envs at a time (no torch on the actor's hot path).
 
     ``q = policy.step(obs [K,O], state [K,S])`` advances ``state`` in place and returns
-    Q-values [K,A].  Same maths as :class:`QNetwork` (checked by tests to 1e-5).
+    Q-values [K,A].  Same maths as :class:`QNetwork` (checked by tests to 1e-5).  The MPN step
+    runs in the fused kernel ``mpn_numba.policy_step`` for float32 C-contiguous states, else (or
+    with ``use_kernel = False``) in the numpy reference ``mpn_step_numpy``.
     """
+
+    use_kernel = True
 
     def __init__(self, spec: NetSpec, params: dict[str, np.ndarray]):
         self.spec = spec
@@ -206,13 +208,13 @@ class NumpyPolicy:
         x = None if s.core == "mpn" else augment_obs_numpy(obs, s.input_bias)   # the MPN appends it itself
         if s.core == "mpn":
             M = state.reshape(K, s.in_dim, H)
-            if _numba_step is not None and M.dtype == np.float32 and obs.dtype == np.float32 \
+            if self.use_kernel and M.dtype == np.float32 and obs.dtype == np.float32 \
                     and M.flags.c_contiguous:
                 if self._h is None or self._h.shape[0] != K:
                     self._h = np.empty((K, H), np.float32)
                     self._x = np.empty((K, s.in_dim), np.float32)
                 h = self._h
-                _numba_step(obs, M, self.Wt, self.b, np.float32(self.eta), np.float32(self.lam),
+                mpn_numba.policy_step(obs, M, self.Wt, self.b, np.float32(self.eta), np.float32(self.lam),
                             np.float32(s.input_bias), h, self._x)
             else:
                 if self._work is None or self._work.shape != M.shape:

@@ -29,9 +29,7 @@ def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling, time_sc
                                                    monkeypatch):
     import common.networks as networks
     if actor_kernel == "numpy":
-        monkeypatch.setattr(networks, "_numba_step", None)
-    elif networks._numba_step is None:
-        pytest.fail("numba is a dependency: the actor's fused kernel must be available")
+        monkeypatch.setattr(networks.NumpyPolicy, "use_kernel", False)
     spec = NetSpec(core=core, obs_dim=4, num_actions=3, hidden_dim=16, eta=0.3, lambda_decay=0.9,
                    learn_plasticity=learn, lambda_max=0.95, dueling=dueling, time_scale=time_scale,
                    input_bias=bias)
@@ -175,8 +173,6 @@ def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
 
 @pytest.mark.parametrize("learn", [False, True])
 def test_cpu_kernels_match_the_torch_scan(learn):
-    from common import mpn_numba
-    assert mpn_numba.available(), "numba is a dependency: pip install -e ."
     torch.manual_seed(1)
     core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn).double()
     x = torch.randn(4, 15, 3, dtype=torch.float64)
