@@ -70,6 +70,10 @@ RESPONSE_PERIODS = ("decision", "test", "test1", "production", "response")
 GRADED_REWARD_TASKS = frozenset({"MotorTiming-v0", "ReadySetGo-v0", "OneTwoThreeGo-v0"})
 # Tasks that pay no reward at all: the action at the trial's last step is the answer.
 UNREWARDED_TASKS = frozenset({"ToneDetection-v0"})
+# Tasks that ask for an answer in two windows and whose final reward scores only the second
+# (DualDelayMatchSample pays each right answer in test1 and ends the trial on the answer in
+# test2): correct needs both.
+TWO_ANSWER_TASKS = frozenset({"DualDelayMatchSample-v0"})
 
 
 class TrialOutcome:
@@ -85,6 +89,9 @@ class TrialOutcome:
       trial of DelayPairedAssociation), the agent withheld: its last
       action is fixate and its last reward is not negative;
     * for ToneDetection, which pays no reward, the last action equals the trial's ground truth.
+    * for DualDelayMatchSample, which asks twice (test1, then test2), both answers must be
+      right: in the first window of steps with an answer due the agent answered at least once
+      and every answer there was right, and the final reward is the correct one.
 
     A fixation break is a step that earned the task's ``abort`` penalty.  A premature response
     is any non-fixate action before the trial's response window: the first step whose answer
@@ -99,6 +106,7 @@ class TrialOutcome:
         self.abort_reward = float(abort) if abort is not None and abort < 0 else None
         self.graded = env_name in GRADED_REWARD_TASKS
         self.unrewarded = env_name in UNREWARDED_TASKS
+        self.two_answers = env_name in TWO_ANSWER_TASKS
 
     def correct(self, actions: np.ndarray, rewards: np.ndarray, gt: np.ndarray,
                 ground_truth: int) -> bool:
@@ -106,7 +114,7 @@ class TrialOutcome:
         if self.unrewarded:
             return last_a == int(ground_truth)
         if last_r >= self.correct_reward - 1e-6:
-            return True
+            return not self.two_answers or _first_window_right(actions, gt)
         if self.graded:
             return last_r > 1e-6
         return bool(not gt.any() and last_a == 0 and last_r >= 0)
@@ -125,6 +133,18 @@ class TrialOutcome:
             if p in start:
                 return int(start[p])
         return int(len(gt))
+
+
+def _first_window_right(actions: np.ndarray, gt: np.ndarray) -> bool:
+    """In the first run of steps with an answer due: at least one answer, every answer right."""
+    due = np.asarray(gt).reshape(len(gt), -1).any(axis=1)
+    starts = np.flatnonzero(due & ~np.r_[False, due[:-1]])
+    if len(starts) < 2:
+        return True                      # one window only: the final reward decides
+    end = starts[0] + int(np.argmin(due[starts[0]:]))      # the first step after the window
+    a, g = np.asarray(actions)[starts[0]:end], np.asarray(gt).reshape(len(gt))[starts[0]:end]
+    answered = a != 0
+    return bool(answered.any() and (a[answered] == g[answered]).all())
 
 
 def ideal_accuracy(env_name: str, dt: int) -> float | None:

@@ -108,3 +108,26 @@ def test_answering_through_the_stimulus_counts_as_premature():
     """The most-frequent-answer policy answers from the end of fixation on."""
     _, early = _scripted_accuracy("PerceptualDecisionMaking-v0", "frequent")
     assert early == 1.0
+
+
+def test_dual_delay_match_sample_is_correct_only_when_both_answers_are_right():
+    """Its final reward scores only the answer in test2; the answer in test1 must be right too."""
+    from common.tasks import TrialOutcome
+    env = make_env("DualDelayMatchSample-v0", 100, seed=0)
+    u = env.unwrapped
+    env.reset(seed=0)
+    out = TrialOutcome("DualDelayMatchSample-v0", u)
+    gt = np.asarray(u.gt)
+    first = np.flatnonzero(gt != 0)[0]
+    rewards = np.zeros(len(gt))
+    rewards[-1] = out.correct_reward                   # test2 answered right at the last step
+    oracle = gt.copy()
+    assert out.correct(oracle, rewards, gt, 0)
+    wrong_first = oracle.copy()
+    wrong_first[first] = 3 - gt[first]                 # the other of match (1) / non-match (2)
+    assert not out.correct(wrong_first, rewards, gt, 0)
+    silent_first = np.where(np.arange(len(gt)) < len(gt) - 1, 0, gt)   # test1 never answered
+    assert not out.correct(silent_first, rewards, gt, 0)
+    late_right = oracle.copy()
+    late_right[first] = 0                              # fixating on some steps of test1 is fine
+    assert out.correct(late_right, rewards, gt, 0)
