@@ -2,7 +2,10 @@
 checkpoint and replay snapshot exist), and ``resume`` continues from them — model, optimizer,
 target net, counters (the epsilon schedule runs on env_steps), replay contents and the replay
 sampling RNG.  Both runs are real subprocesses with their own embedded Ray; while the first
-runs, every socket its Ray listens on must be bound to 127.0.0.1.
+runs, every socket its Ray listens on must be bound to 127.0.0.1.  SIGTERM and SIGINT stop a
+run with a final checkpoint and exit 128 + the signal's number.  Each run starts its own
+session; once it has exited, nothing of it may be left running in that session (after a
+SIGKILL, only two agents of Ray's own).
 """
 import json
 import os
@@ -22,6 +25,7 @@ from replay.snapshot import read_snapshot_file
 
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY_AGENTS = frozenset({"ray::DashboardA", "ray::RuntimeEnv"})     # process names (cut to 15 characters)
 
 
 def _env():
@@ -48,6 +52,33 @@ def _tree(root: int) -> set[int]:
     return out
 
 
+def _session(sid: int) -> dict[int, str]:
+    """Live processes (not zombies) of session ``sid``: pid -> command name."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    head, tail = fh.read().rsplit(")", 1)
+            except OSError:
+                continue
+            fields = tail.split()
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                out[int(d)] = head.split("(", 1)[1]
+    return out
+
+
+def _session_left(sid: int, allowed: frozenset = frozenset(), wait_s: float = 15.0) -> dict[int, str]:
+    """What is alive in session ``sid`` once only ``allowed`` names are left, or after ``wait_s``
+    seconds."""
+    deadline = time.time() + wait_s
+    left = _session(sid)
+    while set(left.values()) - allowed and time.time() < deadline:
+        time.sleep(0.5)
+        left = _session(sid)
+    return left
+
+
 def _listening(pids: set[int]) -> list[str]:
     """Local addresses of the TCP sockets these processes listen on."""
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
@@ -72,7 +103,7 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
     log = open(tmp_path / "train.log", "w")
     p = subprocess.Popen(train, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(),
                          start_new_session=True)
-    sockets = []
+    sockets, left = [], {}
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
@@ -89,6 +120,7 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
         assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr[-2000:]
         p.send_signal(signal.SIGKILL)                    # the fault: the driver dies
         p.wait(timeout=30)
+        left = _session_left(p.pid, RAY_AGENTS)
     finally:
         if p.poll() is None:
             p.kill()
@@ -100,6 +132,9 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
             pass
         log.close()
     assert p.returncode == -signal.SIGKILL
+    # Nothing of the run outlives it (driver, actors, learner, replay, raylet, GCS) but two agents
+    # of Ray's own, which a SIGKILLed driver cannot stop: its dashboard and runtime-env agents.
+    assert set(left.values()) <= RAY_AGENTS, f"still running in the killed driver's session: {left}"
 
     # the embedded Ray listened on loopback only
     assert sockets, "found no listening sockets of the embedded Ray"
@@ -151,11 +186,12 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
     np.testing.assert_equal(final["spec"], ck["spec"])
 
 
-@pytest.mark.parametrize("actors", ["0", "1"])
-def test_sigterm_saves_a_final_checkpoint_and_exits_143(tmp_path, actors):
-    """What systemd, Kubernetes, Slurm and `timeout` send: the run stops as after Ctrl-C (final
-    checkpoint, replay snapshot, heartbeat "interrupted") and exits 128 + 15, in one process and
-    on Ray."""
+@pytest.mark.parametrize("sig,actors", [("SIGTERM", "0"), ("SIGTERM", "1"), ("SIGINT", "0")])
+def test_a_signal_saves_a_final_checkpoint_and_exits_128_plus_its_number(tmp_path, sig, actors):
+    """SIGTERM (what systemd, Kubernetes, Slurm and `timeout` send) and Ctrl-C's SIGINT: the run
+    stops (final checkpoint, replay snapshot, heartbeat "interrupted"), exits 128 + the signal's
+    number (143, 130), and leaves no process behind in its session (its embedded Ray included)."""
+    signum = signal.Signals[sig]
     exp = Experiment(tmp_path, "term")
     cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", "PerceptualDecisionMaking-v0",
            "--num-actors", actors, "--envs-per-actor", "4", "--num-episodes", "100000", "--hidden-dim", "16",
@@ -163,27 +199,30 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_143(tmp_path, actors):
            "--eval-trials", "0", "--experiments-dir", str(tmp_path), "--experiment-name", "term"]
     log = open(tmp_path / "train.log", "w")
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    left = {}
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None and not exp.read_metrics():
             time.sleep(0.2)
         assert p.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(signum)
         rc = p.wait(timeout=90)
+        left = _session_left(p.pid)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(timeout=30)
         try:
-            os.killpg(p.pid, signal.SIGKILL)             # leftovers of its embedded Ray, if any
+            os.killpg(p.pid, signal.SIGKILL)             # leftovers, if the assertion below fails
         except ProcessLookupError:
             pass
         log.close()
     out = (tmp_path / "train.log").read_text()
-    assert rc == 128 + signal.SIGTERM, out[-3000:]
-    assert "SIGTERM: finishing the current step" in out
+    assert rc == 128 + signum, out[-3000:]
+    assert f"{sig}: finishing the current step" in out
+    assert not left, f"still running in the run's session after it exited: {left}"
     assert exp.latest_checkpoint().name == "final_model.pt"
     summary = json.loads((exp.dir / "summary.json").read_text())
-    assert summary["interrupted"] is True and summary["signal"] == "SIGTERM"
+    assert summary["interrupted"] is True and summary["signal"] == sig
     assert json.loads((exp.dir / "heartbeat.json").read_text())["status"] == "interrupted"
     assert snapshot_path(exp).exists()
