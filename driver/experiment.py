@@ -188,9 +188,17 @@ class Experiment:
 
     # -- metrics --------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
+        """Append one JSON line.  Not atomic: a crash mid-write can leave a partial last line,
+        which every reader skips; the next record starts on a line of its own."""
         clean = {k: _json_safe(v) for k, v in record.items()}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        with open(self.metrics_path, "a+b") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            if end:
+                fh.seek(end - 1)
+                if fh.read(1) != b"\n":          # a line cut by a crash
+                    line = "\n" + line
+            fh.write(line.encode())
             fh.flush()
 
     def read_metrics(self) -> list[dict]:

@@ -227,3 +227,16 @@ def test_the_collector_refuses_a_network_of_another_observation_size(delta):
     with pytest.raises(ValueError, match=f"observes \\({obs_dim},\\) but the network takes "
                                          f"\\({obs_dim + delta},\\)"):
         TrialCollector(PDM, 100, spec, export_params(QNetwork(spec)), num_envs=2)
+
+
+# --- metrics.jsonl --------------------------------------------------------------------------
+
+def test_a_metrics_line_cut_by_a_crash_is_skipped_and_the_next_record_is_whole(tmp_path):
+    exp = Experiment(tmp_path, "cut")
+    exp.dir.mkdir()
+    exp.append_metrics({"episode": 1})
+    with open(exp.metrics_path, "a") as fh:
+        fh.write('{"episode": 2, "accur')        # what a kill mid-append leaves
+    assert exp.read_metrics() == [{"episode": 1}]
+    exp.append_metrics({"episode": 3})          # e.g. the resumed run's first record
+    assert exp.read_metrics() == [{"episode": 1}, {"episode": 3}]
