@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", allow_abbrev=False, help="greedy evaluation of a trained experiment",
                        description="Run the trained policy greedily and report accuracy against the "
-                       "ideal-observer ceiling; writes experiments/<name>/eval.json.")
+                       "ideal-observer ceiling, with a progress line every few seconds while it runs; "
+                       "writes experiments/<name>/eval.json.")
     e.add_argument("--experiment-name", required=True, help="experiment to evaluate")
     e.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
     e.add_argument("--num-eval-episodes", type=int, default=50,
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue an experiment from its newest checkpoint (model, "
                        "optimizer, target network, counters, epsilon schedule) and its replay "
                        "snapshot (replay contents, rate-limiter counters, sampling RNG), e.g. "
-                       "after the run was killed; writes resume.json.")
+                       "after the run was killed; writes resume.json. Before it changes anything it "
+                       "checks that the options of config.json that shape the network and the replay "
+                       "snapshot match the checkpoint's and that its num_actors fits this machine's "
+                       "CPUs (or the cluster); a refusal is one line, exit 2.")
     s.add_argument("--experiment-name", required=True, help="experiment to continue")
     s.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
     s.add_argument("--num-episodes", type=int, default=None,
