@@ -229,6 +229,3 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin, TrainingLoop):
         import ray
         ray.kill(self.learner)
         ray.kill(self.replay)
-
-    def close_observation(self, status: str) -> None:
-        self._live_close(status)

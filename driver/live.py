@@ -17,8 +17,8 @@
   actor's node id in the records (``actor_nodes``, ``num_nodes``).
 
 The mixin only adds methods; the driver loop calls ``_live_start`` once the roles run,
-``_live_tick`` every turn, ``_live_record`` / ``telemetry.log`` around each metrics record
-and ``_live_close`` at the end.
+``_live_tick`` every turn and ``_live_record`` / ``telemetry.log`` around each metrics record;
+the loop closes the telemetry at the end.
 """
 from __future__ import annotations
 
@@ -94,11 +94,6 @@ class LiveControlMixin:
         missing = len(refs) - len(self.actor_nodes)
         self.log(f"Actors placed on {nodes} node(s): {where}"
                  + (f"; {missing} not running after {timeout:.0f}s" if missing else ""))
-
-    def _live_close(self, status: str = "finished") -> None:
-        tel = getattr(self, "telemetry", None)
-        if tel is not None and not tel.closed:
-            tel.close(status)
 
     # -- every loop turn -------------------------------------------------------------------------
     def _live_tick(self) -> None:

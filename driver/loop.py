@@ -411,7 +411,6 @@ class TrainingLoop:
                     self.guard.attempt("checkpoint", lambda: self.save(f"checkpoint_{c.episodes}.pt"))
         self.bar.clear()
         explain_overshoot(c.episodes, self.target_episodes, cfg.envs_per_actor, self.log)
-        self.close_observation("interrupted" if interrupted else "finished")
         self.stop_roles()
         self._poll()
         c.wall_time = self.wall0 + time.time() - self.t_start
@@ -419,4 +418,10 @@ class TrainingLoop:
         local = Learner.from_config(self.spec, TrainConfig.from_dict({**self.cfg_d, "device": "cpu"}))
         local.load_state_dict(self.learner_state())
         self.kill_all()
-        return finish_run(self.exp, cfg, self.spec, local, c, interrupted, log=self.log)
+        try:
+            summary = finish_run(self.exp, cfg, self.spec, local, c, interrupted, log=self.log)
+        except BaseException:
+            self.close_observation("failed")     # e.g. the final checkpoint could not be written
+            raise
+        self.close_observation("interrupted" if interrupted else "finished")
+        return summary

@@ -244,6 +244,8 @@ def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_with_one_line(tm
     msg = _one_line(capsys.readouterr().err)
     assert "final_model.pt" in msg and "No space left on device" in msg and "`resume`" in msg, msg
     assert not list((tmp_path / "full" / "checkpoints").glob("*.pt"))
+    heartbeat = json.loads((tmp_path / "full" / "heartbeat.json").read_text())
+    assert heartbeat["status"] == "failed"
 
 
 def test_an_experiments_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, capsys, monkeypatch):
