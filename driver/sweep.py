@@ -282,9 +282,12 @@ def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
     log(f"sweep trial {trial.experiment_name}: train-neurogym {shlex.join(trial.argv(cfg.experiments_dir))}")
     run_cfg, resume_from = cfg, None
     if latest is not None:
+        from driver.commands import NETWORK_FIELDS, REPLAY_FIELDS, check_checkpoint_matches
         from driver.experiment import load_checkpoint
         from driver.progress import Counters
-        done = Counters.from_dict(load_checkpoint(latest)["counters"])
+        ck = load_checkpoint(latest)
+        check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)   # as resume does
+        done = Counters.from_dict(ck["counters"])
         resume_from = str(latest)
         if cfg.time_limit_minutes:             # the rest of the trial's time, not a new limit
             left = max(0.01, cfg.time_limit_minutes - done.wall_time / 60.0)
