@@ -1,7 +1,7 @@
 """The actor role: a :class:`TrialCollector` that ships its trials to a replay.
 
 Plain class, free of any runtime: it is handed a :class:`common.roles.ReplayClient` and a
-weights ``fetch`` (``driver/ray_roles.py`` gives Ray ones; :mod:`common.roles` in-process
+weights ``fetch`` (``driver/runtime/ray_roles.py`` gives Ray ones; :mod:`common.roles` in-process
 ones).  Everything it sends (trials to the replay, summaries to the driver) is msgpack; weights
 arrive as a handle of msgpack bytes, fetched only when their version is newer.
 """

@@ -3,7 +3,7 @@
 Every option is a dataclass field whose metadata carries its help text and its allowed
 range.  ``__post_init__`` validates every value at construction and raises
 :class:`ConfigError` with a message that says how to fix it, so a bad value never reaches
-a running component.  The CLI (``driver/cli.py``) turns each field ``foo_bar`` into
+a running component.  The CLI (``driver/cli/parser.py``) turns each field ``foo_bar`` into
 ``--foo-bar``; ``config.json`` in the experiment directory is ``dataclasses.asdict``.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ The roles never talk to a runtime directly.  What they are handed at constructio
 where they run: a :class:`ReplayClient` (the replay as its users see it), a weights
 ``store`` (publishes weight bytes, returns a handle that actors can fetch) and a weights
 ``fetch`` (a handle back to bytes).  :class:`LocalReplay` and :func:`local_store` /
-:func:`local_fetch` put everything in one process; ``driver/ray_roles.py`` gives the same
+:func:`local_fetch` put everything in one process; ``driver/runtime/ray_roles.py`` gives the same
 interfaces over Ray.
 """
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, TrainConfig, check_experiment_name
+from common.networks import NetSpec, QNetwork, export_params
 from replay.snapshot import write_atomic
 
 
@@ -112,7 +113,6 @@ class Experiment:
             shutil.rmtree(self.dir)
         self.checkpoint_dir.mkdir(parents=True)
         cfg.save(str(self.config_path))
-        from driver.results import machine
         self.write_json("machine.json", machine())       # provenance: where the run trained
 
     @contextlib.contextmanager
@@ -331,3 +331,73 @@ def _json_safe(v):
         except (ValueError, RuntimeError):
             return None
     return v
+
+
+def machine() -> dict:
+    """Where a result was measured: CPU count and model, GPU (if any), host name."""
+    import platform
+    import socket
+    info = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "host": socket.gethostname(), "gpu": None}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
+        info["cpu"] = name or info["cpu"]
+    except OSError:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU to report
+        pass
+    return info
+
+
+def load_policy_params(exp: Experiment, checkpoint: str | None) -> tuple[NetSpec, dict, dict, str]:
+    cfg = exp.load_config()
+    path = exp.resolve_checkpoint(checkpoint)
+    ck = load_checkpoint(path)
+    check_checkpoint_matches(ck, cfg, path)
+    spec = NetSpec(**ck["spec"])
+    net = QNetwork(spec)
+    try:
+        net.load_state_dict(ck["learner"]["online"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the network its spec describes "
+                              f"({' '.join(str(exc).split())[:160]})") from exc
+    return spec, export_params(net), ck, str(path)
+
+
+# the config fields that make a checkpoint's network: they must agree with the experiment's config
+NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias", "learn_plasticity",
+                  "eta", "eta_per_100ms", "lambda_decay", "m_timescale_ms", "lambda_max",
+                  "m_timescale_max_ms", "eta_min_per_100ms")
+# ... and those that make the replay snapshot's layout, which resume restores beside it
+REPLAY_FIELDS = ("buffer_size", "replay_init", "burn_in_steps")
+
+
+def check_checkpoint_matches(ck: dict, cfg, path, fields: tuple = NETWORK_FIELDS) -> None:
+    """One line naming the first disagreement between a checkpoint and the experiment's config
+    (task, dt, observation and action sizes, core, hidden size, plasticity settings; and any
+    other ``fields`` of the config the checkpoint was trained with)."""
+    from common.tasks import task_dims
+    try:
+        spec = NetSpec(**ck["spec"])
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable network spec ({exc})") from exc
+    stored = ck.get("config") or {}
+    for f in fields:
+        if f in stored and stored[f] != getattr(cfg, f):
+            advice = ("it belongs to another experiment" if f in NETWORK_FIELDS else
+                      "a resumed run keeps its replay layout: put that value back in config.json")
+            raise CheckpointError(f"checkpoint {str(path)!r} was trained with {f} = {stored[f]!r} but the "
+                                  f"experiment's config.json says {getattr(cfg, f)!r}; {advice}")
+    obs_dim, num_actions = task_dims(cfg.env_name, cfg.dt)
+    for what, have, want in (("observation size", spec.obs_dim, obs_dim),
+                             ("number of actions", spec.num_actions, num_actions),
+                             ("core", spec.core, cfg.core), ("hidden size", spec.hidden_dim, cfg.hidden_dim)):
+        if have != want:
+            raise CheckpointError(f"checkpoint {str(path)!r} has {what} {have!r} but {cfg.env_name} at "
+                                  f"dt {cfg.dt} with this config needs {want!r}; it belongs to another "
+                                  "experiment")

@@ -1,7 +1,7 @@
 """The learner role: a :class:`Learner` fed with batches sampled from a replay.
 
 Plain class, free of any runtime: it is handed a :class:`common.roles.ReplayClient` to sample
-from and a weights ``store`` to publish with (``driver/ray_roles.py`` gives Ray ones;
+from and a weights ``store`` to publish with (``driver/runtime/ray_roles.py`` gives Ray ones;
 :mod:`common.roles` in-process ones).  Two ways to drive it: :meth:`start` runs a prefetch
 thread that keeps a small queue of sampled batches and a training thread that consumes it (the
 Ray placement; ``status`` answers meanwhile); :meth:`train_available` trains in the caller's

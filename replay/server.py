@@ -1,5 +1,5 @@
 """The replay server: a trial buffer behind a lock, a samples-per-insert rate limiter, and
-strict decoding of everything that arrives.  A plain class, thread-safe: ``driver/ray_roles.py``
+strict decoding of everything that arrives.  A plain class, thread-safe: ``driver/runtime/ray_roles.py``
 makes it a threaded Ray actor; the single-process placement calls it directly.
 """
 from __future__ import annotations

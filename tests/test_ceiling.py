@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from common.ceiling import ceiling_for, learnable, pct_of_ceiling, run_policy
-from driver.cli import main
+from driver.cli.parser import main
 
 
 def test_ceiling_json_reports_every_policy_and_uses_the_ideal_observer_where_known(capsys):

@@ -1,4 +1,4 @@
-"""The command line, run in-process through ``driver.cli.main(argv)``.
+"""The command line, run in-process through ``driver.cli.parser.main(argv)``.
 
 Misuse must exit 2 with one line on stderr and write nothing; ``--help`` documents every
 option; a tiny single-process run goes through train -> eval -> render -> resume.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.config import TrainConfig
-from driver.cli import main
+from driver.cli.parser import main
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -309,7 +309,7 @@ def test_a_file_that_is_not_a_checkpoint_exits_2_with_one_line(trained, tmp_path
 
 
 def test_a_dt_the_task_cannot_run_at_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
-    from driver.cli import main
+    from driver.cli.parser import main
     rc = main(["train-neurogym", "--env-name", "ToneDetection-v0", "--dt", "100",
                "--experiments-dir", str(tmp_path / "exps")])
     err = capsys.readouterr().err.strip()
@@ -385,7 +385,7 @@ def test_the_replay_staleness_diagnostic_is_opt_in_and_leaves_training_draws_alo
     """With --staleness-every the metrics carry the R2D2 staleness of replay's start state; it draws
     from its own RNG, so the training run is the same draw for draw as one without it."""
     from driver.experiment import Experiment
-    from driver.local import train_local
+    from driver.runtime.local import train_local
     runs = {}
     for name, every in (("off", 0), ("on", 5)):
         cfg = TrainConfig(env_name=PDM, num_actors=0, num_episodes=24, envs_per_actor=4, learning_starts=16,

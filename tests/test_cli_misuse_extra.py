@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.config import TrainConfig
-from driver.cli import main
+from driver.cli.parser import main
 from replay.snapshot import read_snapshot_file
 
 torch.set_num_threads(1)
@@ -204,7 +204,7 @@ def test_failed_periodic_writes_are_reported_counted_and_training_goes_on(tmp_pa
         return real(path, data)
     monkeypatch.setattr(snapshot_mod, "write_atomic", flaky)
     monkeypatch.setattr(experiment_mod, "write_atomic", flaky)
-    from driver.local import train_local
+    from driver.runtime.local import train_local
     cfg = TrainConfig(env_name="PerceptualDecisionMaking-v0", num_actors=0, num_episodes=40, envs_per_actor=4,
                       learning_starts=16, trial_batch_size=8, hidden_dim=16, print_freq=8, checkpoint_freq=8,
                       replay_snapshot_every=20, eval_trials=0, experiments_dir=str(tmp_path), experiment_name="full")

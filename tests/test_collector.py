@@ -336,7 +336,7 @@ def test_exploration_is_defined_per_task_time():
 
 def test_records_come_every_percent_of_the_run_and_every_few_seconds():
     from types import SimpleNamespace
-    from driver.progress import Cadence
+    from driver.observe.progress import Cadence
     cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0,
                           trials_per_episode=10)
     c = Cadence(cfg, 0, now=0.0, target=300)                   # 3000 trials: a record every 30
@@ -357,7 +357,7 @@ def test_records_come_every_percent_of_the_run_and_every_few_seconds():
 
 def test_a_time_bounded_run_records_by_time_and_never_runs_out_of_episodes():
     from types import SimpleNamespace
-    from driver.progress import Cadence, episodes_left, progress_line
+    from driver.observe.progress import Cadence, episodes_left, progress_line
     cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0,
                           trials_per_episode=10)
     c = Cadence(cfg, 0, now=0.0, target=None)
@@ -386,8 +386,8 @@ def test_the_default_budget_is_ten_minutes_and_a_budget_must_end():
 def test_resume_continues_to_the_original_budget():
     import pytest
     from common.config import TrainConfig
-    from driver.cli import UsageError
-    from driver.commands import resume_budget
+    from driver.cli.preflight import UsageError
+    from driver.cli.commands import resume_budget
     cfg = TrainConfig()                                        # 10 min, no episode target
     assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, None, None) == (None, 6.0)
     assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, 80, None) == (80, None)

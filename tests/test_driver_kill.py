@@ -20,7 +20,7 @@ import pytest
 
 from driver.experiment import Experiment, load_checkpoint
 from common.exploration import epsilon_at
-from driver.recovery import snapshot_info, snapshot_path
+from driver.runtime.recovery import snapshot_info, snapshot_path
 from replay.snapshot import read_snapshot_file
 
 pytestmark = pytest.mark.ray

@@ -1,5 +1,5 @@
 """Faults injected into the real Ray program: an actor, the replay server or the learner is
-killed with SIGKILL mid-run; it is restarted and training goes on (driver/recovery.py).
+killed with SIGKILL mid-run; it is restarted and training goes on (driver/runtime/recovery.py).
 
 Each test runs a DistributedTrainer on the shared Ray session with a fault hook (called once
 per driver-loop turn) that kills a role, waits until the run has visibly recovered, then ends
@@ -30,7 +30,7 @@ def _cfg(tmp_path, **kw):
 
 
 def _trainer(cfg, tmp_path):
-    from driver.distributed import DistributedTrainer
+    from driver.runtime.distributed import DistributedTrainer
     exp = Experiment(tmp_path, cfg.experiment_name)
     exp.create(cfg)
     lines = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from driver.cli import main
+from driver.cli.parser import main
 from driver.experiment import Experiment, load_checkpoint
 
 torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def test_eval_memory_does_not_grow_with_the_episode_count():
 
 def test_eval_shows_progress_while_it_runs(trained, tmp_path):
     exp = _copy(trained, tmp_path)
-    code = ("import sys, driver.commands as c; c.EVAL_PROGRESS_S = 0.2; from driver.cli import main; "
+    code = ("import sys, driver.cli.commands as c; c.EVAL_PROGRESS_S = 0.2; from driver.cli.parser import main; "
             f"sys.exit(main(['eval', '--experiments-dir', {str(exp.parent)!r}, '--experiment-name', "
             "'tiny', '--num-eval-episodes', '1500']))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -173,7 +173,7 @@ def test_the_single_process_runtime_runs_the_rate_limiter_acks_and_dedup(tmp_pat
     """`train-neurogym --num-actors 0` runs the same roles in one process: the replay's rate
     limiter holds the learner to samples-per-insert, every shipped trial is acknowledged, and
     an insert whose acknowledgement is lost is retried and stored once."""
-    import driver.local as local
+    import driver.runtime.local as local
     from driver.experiment import Experiment
     clients = []
 

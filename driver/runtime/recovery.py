@@ -1,6 +1,6 @@
 """Fault tolerance: roles that die are restarted and training goes on; replay snapshots.
 
-:class:`RecoveryMixin` gives :class:`driver.distributed.DistributedTrainer` its recovery:
+:class:`RecoveryMixin` gives :class:`driver.runtime.distributed.DistributedTrainer` its recovery:
 
 * **an actor dies** (its process is killed, its node goes away): the driver's ``ray.get`` of
   its chunk raises ``RayActorError``; a fresh actor takes the same index with the current
@@ -20,7 +20,7 @@
 Snapshots (``--replay-snapshot-every N``): every N trials and with every periodic checkpoint
 the driver asks the server for :meth:`ReplayServer.snapshot` bytes and writes them atomically
 to ``checkpoints/replay_snapshot.npz`` (see :mod:`replay.snapshot`); ``resume`` restores the
-replay server from it and writes ``resume.json`` (``driver/loop.py``, for both placements).
+replay server from it and writes ``resume.json`` (``driver/runtime/loop.py``, for both placements).
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ class RecoveryMixin:
         return summary
 
     def _submit(self, i: int) -> None:
-        from driver.distributed import epsilon_spread
+        from driver.runtime.ray_cluster import epsilon_spread
         spread = epsilon_spread(self.actors, getattr(self, "_draining", {})).get(i)
         self.inflight[self.actors[i].run_chunk.remote(self.counters.env_steps, self.weights,
                                                       spread=spread)] = i
@@ -193,7 +193,7 @@ class RecoveryMixin:
         self.actor_restarts += 1
         inc = self.incarnation[i] = self.incarnation.get(i, 0) + 1
         params_msg = self._params_msg()
-        from driver.distributed import actor_scheduling
+        from driver.runtime.ray_cluster import actor_scheduling
         self.actors[i] = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
             self.cfg_d, self.spec_d, i,
             max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)), self.replay, params_msg,

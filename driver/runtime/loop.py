@@ -6,10 +6,10 @@ checkpoints and replay snapshots, and stops on the episode target, the time limi
 SIGTERM.  Where the roles run is the placement's business, a subclass that implements the
 hooks marked *placement*:
 
-* :class:`driver.local.LocalTrainer`: the replay server, one actor worker and the learner worker
+* :class:`driver.runtime.local.LocalTrainer`: the replay server, one actor worker and the learner worker
   in this process, stepped in turn (deterministic; ``--num-actors 0``);
-* :class:`driver.distributed.DistributedTrainer`: each role a Ray actor, with restarts of dead
-  roles (``driver/recovery.py``) and live scaling (``driver/live.py``).
+* :class:`driver.runtime.distributed.DistributedTrainer`: each role a Ray actor, with restarts of dead
+  roles (``driver/runtime/recovery.py``) and live scaling (``driver/runtime/live.py``).
 
 Both run the same role classes (``actors/worker.py``, ``replay/server.py``,
 ``learner/worker.py``), so the rate limiter, the exactly-once inserts and weight publishing act
@@ -30,10 +30,10 @@ from common.config import TrainConfig
 from common.exploration import epsilon_at
 from common.networks import NetSpec, QNetwork, export_params
 from common.tasks import task_dims
-from driver.experiment import CheckpointError, Experiment, WriteGuard, load_checkpoint
-from driver.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left,
+from driver.experiment import Experiment, WriteGuard, load_checkpoint
+from driver.observe.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left,
                              explain_overshoot, make_record, progress_line)
-from driver.recovery import load_resume_snapshot, snapshot_path, write_resume_json, counter_extra
+from driver.runtime.recovery import load_resume_snapshot, snapshot_path, write_resume_json, counter_extra
 from learner.learner import Learner
 from replay.snapshot import write_atomic, write_snapshot_file
 
@@ -158,7 +158,7 @@ def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learne
         summary.update(evaluate_and_select(exp, cfg, spec, export_params(learner.online), log=log))
     exp.write_json("summary.json", summary)
     if cfg.plot_training:
-        from driver.plots import plot_training
+        from driver.observe.plots import plot_training
         path = plot_training(exp)
         log(f"Training curves: {path}")
     return summary

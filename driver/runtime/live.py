@@ -1,6 +1,6 @@
 """Live control of a running distributed job: scaling actors, heartbeat, telemetry hooks.
 
-:class:`LiveControlMixin` gives :class:`driver.distributed.DistributedTrainer`:
+:class:`LiveControlMixin` gives :class:`driver.runtime.distributed.DistributedTrainer`:
 
 * **scaling** (``python main.py scale --experiment-name X --num-actors N``): the CLI writes
   ``experiments/X/control.json`` atomically (``{"num_actors": N, "request_id": ...}``); the
@@ -12,7 +12,7 @@
   A count the cluster cannot place (not enough free CPUs for the new actors) or below 1 is
   refused.  Either way the driver answers in ``experiments/X/control_result.json``
   (``status`` applied/refused, ``reason``) and in its log.
-* **heartbeat and telemetry** (:mod:`driver.telemetry`): ``heartbeat.json`` about once a
+* **heartbeat and telemetry** (:mod:`driver.observe.telemetry`): ``heartbeat.json`` about once a
   second, TensorBoard scalars and Prometheus gauges with every metrics record, and each
   actor's node id in the records (``actor_nodes``, ``num_nodes``).
 
@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from driver.telemetry import Telemetry, heartbeat_alive, read_heartbeat, write_json_atomic
+from driver.observe.telemetry import Telemetry, heartbeat_alive, read_heartbeat, write_json_atomic
 
 CONTROL_FILE = "control.json"
 CONTROL_RESULT_FILE = "control_result.json"
@@ -174,7 +174,7 @@ class LiveControlMixin:
             reason = f"num_actors must be a whole number >= 1, got {n!r}"
         elif n > before:
             need = n - before
-            from driver.distributed import current_placement_group
+            from driver.runtime.ray_cluster import current_placement_group
             pg = current_placement_group()
             if pg is not None:
                 slots = sum(1 for b in pg.bundle_specs if b.get("CPU", 0) >= 1) - 1   # minus the learner's

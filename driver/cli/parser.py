@@ -13,13 +13,11 @@ import os
 import sys
 
 from common.config import ConfigError, TrainConfig, random_experiment_name
+from driver.cli.preflight import (UsageError, capacity_preflight, task_and_device_preflight,
+                                  writable_dir)
 
 EXIT_USAGE = 2
 MAX_EVAL_EPISODES = 10_000
-
-
-class UsageError(Exception):
-    """CLI misuse: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -230,7 +228,7 @@ def cmd_train(ns) -> int:
         cfg = TrainConfig.from_namespace(ns)
     except (ConfigError, TypeError) as exc:
         raise UsageError(f"train-neurogym: {exc}") from exc
-    _preflight(cfg)
+    task_and_device_preflight(cfg)
     from driver.experiment import Experiment
     name = cfg.experiment_name or random_experiment_name()
     cfg.experiment_name = name
@@ -238,8 +236,8 @@ def cmd_train(ns) -> int:
     exp = Experiment(cfg.experiments_dir, name)
     exp.check_free()                                # a live run of this name: exit 2, naming it
     Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
-    _writable_dir(cfg.experiments_dir)
-    started = capacity_preflight(cfg)              # actors that cannot be placed: exit 2
+    writable_dir(cfg.experiments_dir)
+    started = capacity_preflight(cfg)             # actors that cannot be placed: exit 2
     try:
         with exp.lock():            # a live run of the same name (e.g. under --overwrite): exit 2
             return _train_new(cfg, exp)
@@ -247,57 +245,6 @@ def cmd_train(ns) -> int:
         if started:
             import ray
             ray.shutdown()
-
-
-def _writable_dir(path: str) -> None:
-    """--experiments-dir must be (or be creatable as) a directory this process can write."""
-    p = os.path.abspath(path)
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise UsageError(f"train-neurogym: --experiments-dir {path} is a file, not a directory")
-    probe = p
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"train-neurogym: cannot write in {probe} (--experiments-dir {path}); choose a "
-                         "writable directory")
-
-
-def capacity_preflight(cfg: TrainConfig, command: str = "train-neurogym") -> bool:
-    """Refuse an actor count the cluster cannot place, before anything is written: on the
-    embedded Ray (this machine's CPUs) without starting it; on a cluster (--address,
-    RAY_ADDRESS, or a Ray already initialised in this process) by joining it first.  Returns
-    True if Ray was started here (the caller shuts it down)."""
-    n = cfg.effective_num_actors
-    if n == 0:
-        return False
-    import ray
-    if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
-        cpus = os.cpu_count() or 1
-        if n + 1 > cpus:
-            fewer = max(0, cpus - 1)
-            if command == "resume":      # resume takes the count from config.json
-                raise UsageError(f"resume: the run's config.json has num_actors {n}, which needs "
-                                 f"{n + 1} CPUs (one per actor and one for the learner) but this "
-                                 f"machine has {cpus}; set num_actors to {fewer} or fewer there "
-                                 "(0: one process), or join a cluster with RAY_ADDRESS")
-            raise UsageError(f"{command}: --num-actors {n} needs {n + 1} CPUs (one per actor and "
-                             f"one for the learner) but this machine has {cpus}; use --num-actors "
-                             f"{fewer} or fewer (0: one process), or join a cluster with --address")
-        return False
-    from driver.distributed import ClusterError, check_capacity, check_reachable, init_ray
-    try:
-        if cfg.address:
-            check_reachable(cfg.address)
-        started = init_ray(cfg)
-    except ClusterError as exc:
-        raise UsageError(f"{command}: {exc}") from exc
-    try:
-        check_capacity(n)
-    except ClusterError as exc:
-        if started:
-            ray.shutdown()
-        raise UsageError(f"{command}: {exc}") from exc
-    return started
 
 
 def _train_new(cfg: TrainConfig, exp) -> int:
@@ -309,10 +256,10 @@ def _train_new(cfg: TrainConfig, exp) -> int:
     print(f"Ceiling: {ceil['ceiling']:.3f} ({ceil['ceiling_source']}); best trivial policy "
           f"({ceil['best_trivial']['policy']}) {ceil['best_trivial']['accuracy']:.3f}", flush=True)
     if cfg.num_actors == 0:
-        from driver.local import train_local
+        from driver.runtime.local import train_local
         summary = train_local(cfg, exp)
     else:
-        from driver.distributed import train_distributed
+        from driver.runtime.distributed import train_distributed
         summary = train_distributed(cfg, exp)
     return _exit_code(summary)
 
@@ -322,20 +269,6 @@ def _exit_code(summary: dict) -> int:
     import signal
     name = (summary or {}).get("signal")
     return 128 + int(signal.Signals[name]) if name else 0
-
-
-def _preflight(cfg: TrainConfig) -> None:
-    """Checks that need the outside world (task registry, GPU) — before anything is written."""
-    from common.tasks import TaskError, UnknownTaskError, check_task
-    try:
-        check_task(cfg.env_name, cfg.dt)
-    except (TaskError, UnknownTaskError) as exc:
-        raise UsageError(f"train-neurogym: {exc}") from exc
-    from learner.learner import DeviceError, resolve_device
-    try:
-        resolve_device(cfg.device)
-    except DeviceError as exc:
-        raise UsageError(f"train-neurogym: {exc}") from exc
 
 
 def _open(ns):
@@ -352,7 +285,7 @@ def cmd_eval(ns) -> int:
         raise UsageError(f"eval: --num-eval-episodes {ns.num_eval_episodes} is more than "
                          f"{MAX_EVAL_EPISODES}; the accuracy's stderr is already < 0.002 there")
     exp = _open(ns)
-    from driver.commands import run_eval
+    from driver.cli.commands import run_eval
     import functools
     run_eval(exp, num_episodes=ns.num_eval_episodes, checkpoint=ns.checkpoint, seed=ns.seed,
              log=functools.partial(print, flush=True))
@@ -368,7 +301,7 @@ def cmd_render(ns) -> int:
     if not os.path.isdir(out_dir):
         raise UsageError(f"render: the directory of --output {ns.output!r} does not exist")
     exp = _open(ns)
-    from driver.commands import run_render
+    from driver.cli.commands import run_render
     run_render(exp, output=ns.output, checkpoint=ns.checkpoint, seed=ns.seed,
                max_trials=ns.max_trials, fps=ns.fps)
     return 0
@@ -377,7 +310,7 @@ def cmd_render(ns) -> int:
 def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
-    from driver.commands import run_resume
+    from driver.cli.commands import run_resume
     summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes,
                          checkpoint=ns.checkpoint)
     return _exit_code(summary)
@@ -386,7 +319,7 @@ def cmd_resume(ns) -> int:
 def cmd_scale(ns) -> int:
     _positive("--num-actors", ns.num_actors, allow_none=False)
     exp = _open(ns)
-    from driver.live import ScaleError, check_scalable, send_scale_request, wait_scale_result
+    from driver.runtime.live import ScaleError, check_scalable, send_scale_request, wait_scale_result
     try:
         hb = check_scalable(exp.dir)
     except ScaleError as exc:
@@ -442,7 +375,7 @@ def cmd_ceiling(ns) -> int:
 
 
 def cmd_sweep(ns) -> int:
-    from driver.sweep import SweepError, SweepSpec, command_line, run_sweep, trial_bundles
+    from driver.runtime.sweep import SweepError, SweepSpec, command_line, run_sweep, trial_bundles
     if ns.battery and ns.env_name:
         raise UsageError("sweep: give --env-name or --battery, not both")
     from common.tasks import BATTERY
@@ -481,7 +414,7 @@ def cmd_analyze(ns) -> int:
     if ns.seed < 0:
         raise UsageError(f"analyze: --seed must be >= 0, got {ns.seed}")
     exp = _open(ns)
-    from driver.analyze import run_analyze
+    from driver.observe.analyze import run_analyze
     run_analyze(exp, checkpoint=ns.checkpoint, num_trials=ns.num_trials, seed=ns.seed)
     return 0
 
@@ -490,14 +423,14 @@ def cmd_plot(ns) -> int:
     exp = _open(ns)
     if not exp.metrics_path.exists() or not exp.read_metrics():
         raise UsageError(f"plot: {exp.name} has no metrics records yet ({exp.metrics_path})")
-    from driver.plots import plot_training
+    from driver.observe.plots import plot_training
     print(f"Wrote {plot_training(exp)}")
     return 0
 
 
 def cmd_results(ns) -> int:
     from pathlib import Path
-    from driver.results import load_rows, write_report
+    from driver.observe.results import load_rows, write_report
     path = Path(ns.results_dir) / "results.json"
     try:
         rows = load_rows(path)
@@ -514,7 +447,7 @@ def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
     exp = _open(ns)
-    from driver.watch import watch
+    from driver.observe.watch import watch
     return watch(exp.dir, once=ns.once, interval=ns.interval)
 
 

@@ -29,7 +29,7 @@ PCT_GOAL = 95.0
 
 def git_commit(root: str | os.PathLike | None = None) -> str:
     """Short commit of the code that runs, ``+dirty`` when the tree has uncommitted changes."""
-    root = root or Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10).stdout.strip()
@@ -40,31 +40,11 @@ def git_commit(root: str | os.PathLike | None = None) -> str:
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
-def machine() -> dict:
-    """Where a result was measured: CPU count and model, GPU (if any), host name."""
-    import platform
-    import socket
-    info = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "host": socket.gethostname(), "gpu": None}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
-        info["cpu"] = name or info["cpu"]
-    except OSError:
-        pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU to report
-        pass
-    return info
-
-
 def _machine_of(exp_dir: Path) -> dict:
     try:
         return json.loads((exp_dir / "machine.json").read_text())
     except (OSError, json.JSONDecodeError):
+        from driver.experiment import machine
         return machine()
 
 

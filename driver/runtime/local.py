@@ -17,8 +17,8 @@ from actors.worker import ActorWorker
 from common.config import TrainConfig
 from common.roles import LocalReplay
 from driver.experiment import CheckpointError, Experiment
-from driver.loop import TrainingLoop
-from driver.telemetry import Telemetry
+from driver.runtime.loop import TrainingLoop
+from driver.observe.telemetry import Telemetry
 from learner.worker import LearnerWorker
 from replay.server import ReplayServer
 from replay.snapshot import SnapshotError

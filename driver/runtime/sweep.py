@@ -11,7 +11,7 @@ Tune runs as many trials at once as the cluster holds.
 Layout of ``<sweeps-dir>/<sweep-name>/``: ``sweep.json`` (the grid; a second run of the same
 command resumes, another grid under the same name is refused), ``tune/`` (Tune's experiment
 state), ``experiments/<trial>/`` (each run, with ``train.log``), and the results
-(``results.json``, ``results.md``, ``learning_curves.png``, see :mod:`driver.results`) unless
+(``results.json``, ``results.md``, ``learning_curves.png``, see :mod:`driver.observe.results`) unless
 ``--results-dir`` puts them elsewhere.  After the sweep's driver is killed, the same command
 continues: finished trials are kept, an interrupted one continues from its newest checkpoint
 (with the rest of its time limit) or starts again.
@@ -258,7 +258,7 @@ def run_trial(config: dict) -> None:
     if config.get("cache_dir"):
         os.environ["MPN_DQN_CACHE_DIR"] = config["cache_dir"]
     from driver.experiment import Experiment
-    from driver.results import row_from_experiment
+    from driver.observe.results import row_from_experiment
     trial = Trial.from_dict(config["trial"])
     cfg = trial.config(config["experiments_dir"], config["auto_actors"])
     exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
@@ -282,9 +282,8 @@ def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
     log(f"sweep trial {trial.experiment_name}: train-neurogym {shlex.join(trial.argv(cfg.experiments_dir))}")
     run_cfg, resume_from = cfg, None
     if latest is not None:
-        from driver.commands import NETWORK_FIELDS, REPLAY_FIELDS, check_checkpoint_matches
-        from driver.experiment import load_checkpoint
-        from driver.progress import Counters
+        from driver.experiment import NETWORK_FIELDS, REPLAY_FIELDS, check_checkpoint_matches, load_checkpoint
+        from driver.observe.progress import Counters
         ck = load_checkpoint(latest)
         check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)   # as resume does
         done = Counters.from_dict(ck["counters"])
@@ -294,10 +293,10 @@ def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
             run_cfg = dataclasses.replace(cfg, time_limit_minutes=left)
         log(f"continuing from {latest.name} (episode {done.episodes}, {done.wall_time:.0f} s done)")
     if cfg.num_actors == 0:
-        from driver.local import train_local
+        from driver.runtime.local import train_local
         train_local(run_cfg, exp, resume_from=resume_from, log=log)
     else:
-        from driver.distributed import train_distributed
+        from driver.runtime.distributed import train_distributed
         train_distributed(run_cfg, exp, resume_from=resume_from, log=log)
 
 
@@ -397,7 +396,7 @@ def prepare(spec: SweepSpec) -> None:
     if spec.results_dir and Path(spec.results_dir).exists() and not Path(spec.results_dir).is_dir():
         raise SweepError(f"--results-dir {spec.results_dir} is not a directory")
     if spec.results_dir:
-        from driver.results import load_rows
+        from driver.observe.results import load_rows
         try:
             load_rows(Path(spec.results_dir) / "results.json")
         except (ValueError, json.JSONDecodeError) as exc:
@@ -412,7 +411,7 @@ class _Reporter:
         self.name, self.title, self.commit, self.command = spec.name, spec.title, commit, command
 
     def row(self, t: Trial) -> dict | None:
-        from driver.results import row_from_experiment
+        from driver.observe.results import row_from_experiment
         exp_dir = self.experiments_dir / t.experiment_name
         if not (exp_dir / "config.json").exists():
             return None
@@ -420,7 +419,7 @@ class _Reporter:
                                    extra={"sweep": self.name, "grid": " ".join(t.grid_args)})
 
     def __call__(self, trial: dict) -> None:
-        from driver.results import write_report
+        from driver.observe.results import write_report
         row = self.row(Trial.from_dict(trial))
         if row is not None:
             write_report(self.report_dir, [row], title=self.title, command=self.command)
@@ -431,14 +430,14 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
     import ray
     from ray import tune
     from common.ceiling import ceiling_for
-    from driver.distributed import init_ray
-    from driver.results import git_commit, write_report
+    from driver.runtime.ray_cluster import init_ray
+    from driver.observe.results import git_commit, write_report
     prepare(spec)
     trials = spec.trials
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")    # Tune's console tables off: one line per trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # the embedded Ray gets this machine's CPUs, no more: trials that do not fit are refused
-    from driver.distributed import ClusterError
+    from driver.runtime.ray_cluster import ClusterError
     try:
         started = init_ray(TrainConfig(env_name=spec.tasks[0], num_actors=0, address=spec.address), log)
     except ClusterError as exc:

@@ -35,7 +35,7 @@ MAX_TIME_POINTS = 40            # decoding over time: at most this many steps (a
 
 def run_analyze(exp, *, checkpoint: str | None, num_trials: int, seed: int, log=print) -> dict:
     from common.ceiling import ceiling_for
-    from driver.commands import load_policy_params
+    from driver.experiment import load_policy_params
     t0 = time.time()
     cfg = exp.load_config()
     spec, params, _, path = load_policy_params(exp, checkpoint)

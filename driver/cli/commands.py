@@ -6,59 +6,8 @@ import time
 import warnings
 
 from actors.evaluate import evaluate
-from common.networks import NetSpec, QNetwork, export_params
-from driver.experiment import Experiment, load_checkpoint
-
-
-def load_policy_params(exp: Experiment, checkpoint: str | None) -> tuple[NetSpec, dict, dict, str]:
-    cfg = exp.load_config()
-    path = exp.resolve_checkpoint(checkpoint)
-    ck = load_checkpoint(path)
-    check_checkpoint_matches(ck, cfg, path)
-    spec = NetSpec(**ck["spec"])
-    net = QNetwork(spec)
-    try:
-        net.load_state_dict(ck["learner"]["online"])
-    except (RuntimeError, KeyError) as exc:
-        from driver.experiment import CheckpointError
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the network its spec describes "
-                              f"({' '.join(str(exc).split())[:160]})") from exc
-    return spec, export_params(net), ck, str(path)
-
-
-# the config fields that make a checkpoint's network: they must agree with the experiment's config
-NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias", "learn_plasticity",
-                  "eta", "eta_per_100ms", "lambda_decay", "m_timescale_ms", "lambda_max",
-                  "m_timescale_max_ms", "eta_min_per_100ms")
-# ... and those that make the replay snapshot's layout, which resume restores beside it
-REPLAY_FIELDS = ("buffer_size", "replay_init", "burn_in_steps")
-
-
-def check_checkpoint_matches(ck: dict, cfg, path, fields: tuple = NETWORK_FIELDS) -> None:
-    """One line naming the first disagreement between a checkpoint and the experiment's config
-    (task, dt, observation and action sizes, core, hidden size, plasticity settings; and any
-    other ``fields`` of the config the checkpoint was trained with)."""
-    from common.tasks import task_dims
-    from driver.experiment import CheckpointError
-    try:
-        spec = NetSpec(**ck["spec"])
-    except TypeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable network spec ({exc})") from exc
-    stored = ck.get("config") or {}
-    for f in fields:
-        if f in stored and stored[f] != getattr(cfg, f):
-            advice = ("it belongs to another experiment" if f in NETWORK_FIELDS else
-                      "a resumed run keeps its replay layout: put that value back in config.json")
-            raise CheckpointError(f"checkpoint {str(path)!r} was trained with {f} = {stored[f]!r} but the "
-                                  f"experiment's config.json says {getattr(cfg, f)!r}; {advice}")
-    obs_dim, num_actions = task_dims(cfg.env_name, cfg.dt)
-    for what, have, want in (("observation size", spec.obs_dim, obs_dim),
-                             ("number of actions", spec.num_actions, num_actions),
-                             ("core", spec.core, cfg.core), ("hidden size", spec.hidden_dim, cfg.hidden_dim)):
-        if have != want:
-            raise CheckpointError(f"checkpoint {str(path)!r} has {what} {have!r} but {cfg.env_name} at "
-                                  f"dt {cfg.dt} with this config needs {want!r}; it belongs to another "
-                                  "experiment")
+from driver.experiment import (NETWORK_FIELDS, REPLAY_FIELDS, Experiment, check_checkpoint_matches,
+                               load_checkpoint, load_policy_params)
 
 
 EVAL_PROGRESS_S = 3.0      # seconds between eval's progress lines
@@ -125,7 +74,7 @@ def run_render(exp: Experiment, *, output: str, checkpoint: str | None, seed: in
     from pathlib import Path
     from common.analysis import load_record, record_trials, save_record
     from common.ceiling import ceiling_for
-    from driver.render import write_gif
+    from driver.observe.render import write_gif
     cfg = exp.load_config()
     spec, params, _, path = load_policy_params(exp, checkpoint)
     n_trials = max_trials or cfg.trials_per_episode
@@ -148,12 +97,12 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
     latest, ck = _resume_point(exp, checkpoint, log)
     # before anything is rewritten; budget and runtime fields (episodes, minutes, actors, ...) may differ
     check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)
-    from driver.recovery import load_resume_snapshot
+    from driver.runtime.recovery import load_resume_snapshot
     load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))
     target, time_limit_minutes = resume_budget(cfg, ck["counters"], num_episodes, time_limit_minutes)
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
-    from driver.cli import capacity_preflight
+    from driver.cli.preflight import capacity_preflight
     started = capacity_preflight(cfg, "resume")     # as train checks it: actors that cannot be placed
     try:
         with exp.lock():            # the run is still live: exit 2, nothing touched
@@ -174,7 +123,7 @@ def resume_budget(cfg, counters: dict, num_episodes: int | None,
     """(episode target, minutes) of a resumed run.  ``--num-episodes`` alone: that new total, no
     time limit.  Neither: the original run's target and what is left of its time limit.
     A budget already spent, or one that never ends, is a :class:`UsageError`."""
-    from driver.cli import UsageError
+    from driver.cli.preflight import UsageError
     done = int(counters.get("episodes", 0))
     target = num_episodes if num_episodes is not None else cfg.num_episodes
     if target is not None and target <= done:
@@ -227,7 +176,7 @@ def _continue(cfg, exp: Experiment, latest: str, target: int, log) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.num_actors == 0:
-            from driver.local import train_local
+            from driver.runtime.local import train_local
             return train_local(cfg, exp, resume_from=latest, target_episodes=target, log=log)
-        from driver.distributed import train_distributed
+        from driver.runtime.distributed import train_distributed
         return train_distributed(cfg, exp, resume_from=latest, target_episodes=target, log=log)

@@ -1,0 +1,1 @@
+"""What a run shows: records, telemetry, watch, plots, render, analysis, results (see :mod:`driver`)."""

@@ -1,0 +1,1 @@
+"""Running a training job: the loop, its placements, Ray, recovery, scaling, sweeps (see :mod:`driver`)."""
