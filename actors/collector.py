@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.networks import NetSpec, NumpyPolicy
-from common.tasks import TrialOutcome, make_env
-from common.trial import Trial
+from mpn_dqn.common.networks import NetSpec, NumpyPolicy
+from mpn_dqn.common.tasks import TrialOutcome, make_env
+from mpn_dqn.common.trial import Trial
 
 
 @dataclass

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.collector import TrialCollector
-from common.networks import NetSpec
-from common.ceiling import ceiling_for, pct_of_ceiling
-from common.tasks import ideal_accuracy, pct_of_ideal
+from mpn_dqn.actors.collector import TrialCollector
+from mpn_dqn.common.networks import NetSpec
+from mpn_dqn.common.ceiling import ceiling_for, pct_of_ceiling
+from mpn_dqn.common.tasks import ideal_accuracy, pct_of_ideal
 
 EVAL_SEED_OFFSET = 1_000_000   # eval envs never share seeds with training envs
 

@@ -14,12 +14,12 @@ import uuid
 import msgpack
 import torch
 
-from actors.collector import TrialCollector
-from common.codec import decode_params, encode_trials
-from common.config import TrainConfig
-from common.networks import NetSpec
-from common.exploration import actor_epsilon, epsilon_at, epsilon_per_step
-from common.roles import ReplayClient, ReplayUnavailable, WeightsFetch, WeightsUnavailable, local_fetch
+from mpn_dqn.actors.collector import TrialCollector
+from mpn_dqn.common.codec import decode_params, encode_trials
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.common.networks import NetSpec
+from mpn_dqn.common.exploration import actor_epsilon, epsilon_at, epsilon_per_step
+from mpn_dqn.common.roles import ReplayClient, ReplayUnavailable, WeightsFetch, WeightsUnavailable, local_fetch
 
 
 

@@ -54,7 +54,7 @@ def _conditions(trial: dict) -> dict:
 def record_trials(spec, params: dict, env_name: str, dt: int, *, num_trials: int = 500,
                   trials_per_episode: int = 10, seed: int = 0, num_envs: int = 8) -> dict:
     """Greedy trials with h, M, Q and their conditions (see the module docstring)."""
-    from actors.collector import TrialCollector
+    from mpn_dqn.actors.collector import TrialCollector
     col = TrialCollector(env_name, dt, spec, params, num_envs=num_envs,
                          trials_per_episode=trials_per_episode, seed=seed + 3_000_000, actor_id=0)
     col.epsilon = 0.0

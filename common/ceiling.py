@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.tasks import TrialOutcome, ideal_accuracy, make_env
+from mpn_dqn.common.tasks import TrialOutcome, ideal_accuracy, make_env
 
 POLICIES = ("random", "oracle", "fixate", "frequent")
 RULES_VERSION = 5          # bump when TrialOutcome or a policy changes: old cache rows are ignored
@@ -92,7 +92,7 @@ def measure(env_name: str, dt: int, trials: int = 2000, seed: int = 0) -> dict:
     res = {p: run_policy(env_name, dt, p, trials, seed=seed + i, answer=answer)
            for i, p in enumerate(POLICIES)}
     known = ideal_accuracy(env_name, dt)
-    from common.ideal import has_observer, observe
+    from mpn_dqn.common.ideal import has_observer, observe
     if known is not None:
         ideal = {"accuracy": known, "stderr": None}
     elif has_observer(env_name):           # noisy tasks: the Bayes observer of common/ideal.py

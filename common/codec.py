@@ -67,7 +67,7 @@ from typing import Any, Iterable
 import msgpack
 import numpy as np
 
-from common.trial import Trial
+from mpn_dqn.common.trial import Trial
 
 __all__ = ["TrialDecodeError", "ParamsDecodeError", "TrialSchema", "encode_trials",
            "decode_trials", "encode_params", "decode_params", "TRIALS_SCHEMA", "PARAMS_SCHEMA",

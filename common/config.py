@@ -330,7 +330,7 @@ class TrainConfig(ConfigBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.dt is None:
-            from common.tasks import TaskError, UnknownTaskError, native_dt
+            from mpn_dqn.common.tasks import TaskError, UnknownTaskError, native_dt
             try:
                 self.dt = native_dt(self.env_name)
             except (TaskError, UnknownTaskError) as exc:

@@ -108,7 +108,7 @@ def has_observer(env_name: str) -> bool:
 
 def observe(env_name: str, dt: int, trials: int = 2000, seed: int = 0) -> dict:
     """The ideal observer's accuracy (mean over ``trials`` sampled trials) and its stderr."""
-    from common.tasks import make_env
+    from mpn_dqn.common.tasks import make_env
     env = make_env(env_name, dt, seed=seed)
     u = env.unwrapped
     fn = OBSERVERS[env_name]

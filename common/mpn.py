@@ -284,7 +284,7 @@ def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tenso
             if cpu:
                 return _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam)
             if gpu:
-                from common import mpn_triton
+                from mpn_dqn.common import mpn_triton
                 hs, MT, _ = mpn_triton.scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
                 return hs, MT
             xs, Ms, hs = _scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
@@ -297,7 +297,7 @@ class MPNScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, M0, Wt, b, eta, lam):
-        from common import mpn_triton
+        from mpn_dqn.common import mpn_triton
         x = x.detach().contiguous()
         hs, MT, Ms = mpn_triton.scan_forward(x, M0.detach(), Wt.detach(), b.detach(), eta.detach(),
                                              lam.detach(), keep_states=True)
@@ -306,7 +306,7 @@ class MPNScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_h, g_MT):
-        from common import mpn_triton
+        from mpn_dqn.common import mpn_triton
         x, Ms, hs, Wt, eta, lam = ctx.saved_tensors
         gM0, gWt, gb, geta, glam = mpn_triton.scan_backward(x, Ms, hs, Wt.detach(), eta.detach(),
                                                             lam.detach(), g_h, g_MT)
@@ -320,7 +320,7 @@ class MPNScanCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, M0, Wt, b, eta, lam):
-        from common import mpn_numba
+        from mpn_dqn.common import mpn_numba
         B, T, I = x.shape
         H = Wt.shape[1]
         xs = x.detach().transpose(0, 1).contiguous()
@@ -333,7 +333,7 @@ class MPNScanCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_h, g_MT):
-        from common import mpn_numba
+        from mpn_dqn.common import mpn_numba
         xs, Ms, hs, Wt, eta, lam = ctx.saved_tensors
         T, B, I = xs.shape
         H = Wt.shape[1]
@@ -357,12 +357,12 @@ def _use_cpu_kernels(x: torch.Tensor) -> bool:
 def _use_triton_kernels(x: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or not MPNCore.use_gpu_kernels:
         return False
-    from common import mpn_triton
+    from mpn_dqn.common import mpn_triton
     return mpn_triton.available(x.device) and x.shape[-1] <= mpn_triton.MAX_IN_DIM
 
 
 def _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam):
-    from common import mpn_numba
+    from mpn_dqn.common import mpn_numba
     B, T, I = x.shape
     H = Wt.shape[1]
     xs = x.transpose(0, 1).contiguous()

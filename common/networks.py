@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import mpn_numba
-from common.mpn import MPNCore, augment_obs_numpy, augment_obs_torch, mpn_step_numpy
+from mpn_dqn.common import mpn_numba
+from mpn_dqn.common.mpn import MPNCore, augment_obs_numpy, augment_obs_torch, mpn_step_numpy
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, TrainConfig, check_experiment_name
-from common.networks import NetSpec, QNetwork, export_params
-from replay.snapshot import write_atomic
+from mpn_dqn.common.config import ConfigError, TrainConfig, check_experiment_name
+from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+from mpn_dqn.replay.snapshot import write_atomic
 
 
 class ExperimentError(ValueError):
@@ -381,7 +381,7 @@ def check_checkpoint_matches(ck: dict, cfg, path, fields: tuple = NETWORK_FIELDS
     """One line naming the first disagreement between a checkpoint and the experiment's config
     (task, dt, observation and action sizes, core, hidden size, plasticity settings; and any
     other ``fields`` of the config the checkpoint was trained with)."""
-    from common.tasks import task_dims
+    from mpn_dqn.common.tasks import task_dims
     try:
         spec = NetSpec(**ck["spec"])
     except TypeError as exc:

@@ -10,8 +10,8 @@ import copy
 import numpy as np
 import torch
 
-from common.networks import NetSpec, QNetwork, export_params
-from learner.loss import TensorBatch, td_loss
+from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+from mpn_dqn.learner.loss import TensorBatch, td_loss
 
 
 class DeviceError(RuntimeError):

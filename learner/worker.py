@@ -19,12 +19,12 @@ import time
 import msgpack
 import torch
 
-from common.codec import encode_params
-from common.config import TrainConfig
-from common.networks import NetSpec
-from common.roles import ReplayClient, ReplayUnavailable, WeightsStore, local_store
-from learner.diagnostics import replay_staleness
-from learner.learner import Learner
+from mpn_dqn.common.codec import encode_params
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.common.networks import NetSpec
+from mpn_dqn.common.roles import ReplayClient, ReplayUnavailable, WeightsStore, local_store
+from mpn_dqn.learner.diagnostics import replay_staleness
+from mpn_dqn.learner.learner import Learner
 
 
 class LearnerWorker:

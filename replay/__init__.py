@@ -1,5 +1,5 @@
 """Trial replay: :class:`TrialBuffer` stores whole trials FIFO; :class:`TrialBatch` is a
 padded, masked batch sampled from it."""
-from replay.buffer import TrialBatch, TrialBuffer
+from mpn_dqn.replay.buffer import TrialBatch, TrialBuffer
 
 __all__ = ["TrialBatch", "TrialBuffer"]

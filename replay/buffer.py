@@ -30,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from common.trial import Trial
+from mpn_dqn.common.trial import Trial
 
 __all__ = ["TrialBatch", "TrialBuffer"]
 

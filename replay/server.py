@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from common.codec import TrialDecodeError, TrialSchema, decode_trials
-from replay.buffer import TrialBuffer
-from replay.snapshot import SnapshotError, pack_snapshot, rng_from_array, rng_to_array, unpack_snapshot
-from replay.wire import encode_batch
+from mpn_dqn.common.codec import TrialDecodeError, TrialSchema, decode_trials
+from mpn_dqn.replay.buffer import TrialBuffer
+from mpn_dqn.replay.snapshot import SnapshotError, pack_snapshot, rng_from_array, rng_to_array, unpack_snapshot
+from mpn_dqn.replay.wire import encode_batch
 
 
 class RateLimiterError(ValueError):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import msgpack
 
-from common.codec import TrialDecodeError, _decode_array, _unpack
-from replay.buffer import TrialBatch
+from mpn_dqn.common.codec import TrialDecodeError, _decode_array, _unpack
+from mpn_dqn.replay.buffer import TrialBatch
 
 BATCH_SCHEMA = "mpn-dqn/batch"
 _F4, _I8, _B1 = np.dtype("<f4"), np.dtype("<i8"), np.dtype("|b1")

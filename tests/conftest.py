@@ -20,7 +20,7 @@ def ray_session():
     import ray
     logging.getLogger("ray").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        from driver.runtime.ray_cluster import init_local_ray      # binds every Ray port to 127.0.0.1
+        from mpn_dqn.driver.runtime.ray_cluster import init_local_ray      # binds every Ray port to 127.0.0.1
         init_local_ray(num_cpus=4, include_dashboard=False,
                        logging_level=logging.ERROR, log_to_driver=False,
                        runtime_env={"env_vars": {"PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore",

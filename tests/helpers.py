@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.trial import Trial
+from mpn_dqn.common.trial import Trial
 
 
 def make_trial(rng: np.random.Generator, length: int, obs_dim: int = 3, state_size: int = 8,
@@ -65,7 +65,7 @@ def msgpack_paths(obj, prefix=()):
 
 def assert_only_decode_errors(payload: bytes, schema) -> None:
     """Decoding ``payload`` either succeeds (a list of trials) or raises TrialDecodeError."""
-    from common.codec import TrialDecodeError, decode_trials
+    from mpn_dqn.common.codec import TrialDecodeError, decode_trials
     try:
         out = decode_trials(payload, schema)
     except TrialDecodeError:

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from common.analysis import decode, load_record, participation_ratio
-from driver.cli.parser import main
+from mpn_dqn.common.analysis import decode, load_record, participation_ratio
+from mpn_dqn.driver.cli.parser import main
 
 DMS = "DelayMatchSample-v0"
 pytestmark = pytest.mark.slow                # a real training and a 120-trial analysis (~18 s)

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from common.ceiling import ceiling_for, learnable, pct_of_ceiling, run_policy
-from driver.cli.parser import main
+from mpn_dqn.common.ceiling import ceiling_for, learnable, pct_of_ceiling, run_policy
+from mpn_dqn.driver.cli.parser import main
 
 
 def test_ceiling_json_reports_every_policy_and_uses_the_ideal_observer_where_known(capsys):
@@ -59,7 +59,7 @@ def test_ideal_observers_of_noisy_tasks_match_their_closed_forms():
     1 - P(tie)/2; ProbabilisticReasoning: E[max(p, 1 - p)] over the shapes shown."""
     import itertools
     from math import comb
-    from common.ideal import observe
+    from mpn_dqn.common.ideal import observe
     bino = lambda k, n, p: comb(n, k) * p ** k * (1 - p) ** (n - k)   # noqa: E731
     p_tie = sum(bino(k, 6, 0.3) * bino(k, 6, 0.7) for k in range(7))
     r = observe("PulseDecisionMaking-v0", 10, trials=1500, seed=3)
@@ -74,7 +74,7 @@ def test_ideal_observers_of_noisy_tasks_match_their_closed_forms():
 def _observer_vs_rule(env_name: str, observer, answer, trials: int, seed: int):
     """Per trial: the observer's posterior accuracy and whether a simple rule's answer (from the
     stimulus observations) is right, on the same sampled trials."""
-    from common.tasks import make_env
+    from mpn_dqn.common.tasks import make_env
     u = make_env(env_name, 100, seed=seed).unwrapped
     post, hit = [], []
     for _ in range(trials):
@@ -88,7 +88,7 @@ def _observer_vs_rule(env_name: str, observer, answer, trials: int, seed: int):
 def test_the_multisensory_bayes_observer_beats_summing_the_modalities():
     """Its posterior accuracy must be at least that of answering by the sign of the summed
     evidence of both modalities, scored on the same trials, and below the oracle's 1.0."""
-    from common.ideal import _multisensory
+    from mpn_dqn.common.ideal import _multisensory
     post, naive = _observer_vs_rule(
         "MultiSensoryIntegration-v0", _multisensory,
         lambda st: 0 if (st[:, 1] - st[:, 2]).sum() + (st[:, 3] - st[:, 4]).sum() > 0 else 1, 1500, 4)
@@ -98,14 +98,14 @@ def test_the_multisensory_bayes_observer_beats_summing_the_modalities():
 def test_hierarchical_reasoning_never_shows_its_rule_so_its_ceiling_is_one_half():
     """The rule decides the answer but both rule channels read alike in every trial (the observer
     raises otherwise), so without rewards as input nothing beats a coin flip on the rule."""
-    from common.ideal import observe
+    from mpn_dqn.common.ideal import observe
     assert observe("HierarchicalReasoning-v0", 100, trials=400, seed=2)["accuracy"] == 0.5
 
 
 def test_the_delayed_response_observer_predicts_its_own_accuracy():
     """The posterior's expected accuracy must match the accuracy its answers (the sign of the
     summed evidence) actually score on the same trials."""
-    from common.ideal import _pdm_delay
+    from mpn_dqn.common.ideal import _pdm_delay
     post, hit = _observer_vs_rule("PerceptualDecisionMakingDelayResponse-v0", _pdm_delay,
                                   lambda st: 2 if (st[:, 2] - st[:, 1]).sum() > 0 else 1, 2000, 6)
     se = np.sqrt(hit.var() / len(hit))

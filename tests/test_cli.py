@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import TrainConfig
-from driver.cli.parser import main
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.cli.parser import main
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -309,7 +309,7 @@ def test_a_file_that_is_not_a_checkpoint_exits_2_with_one_line(trained, tmp_path
 
 
 def test_a_dt_the_task_cannot_run_at_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
-    from driver.cli.parser import main
+    from mpn_dqn.driver.cli.parser import main
     rc = main(["train-neurogym", "--env-name", "ToneDetection-v0", "--dt", "100",
                "--experiments-dir", str(tmp_path / "exps")])
     err = capsys.readouterr().err.strip()
@@ -326,7 +326,7 @@ def test_a_live_run_keeps_its_experiment_train_overwrite_and_resume_are_refused(
     exp = _copy(trained, tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-         "from driver.experiment import Experiment;"
+         "from mpn_dqn.driver.experiment import Experiment;"
          "cm = Experiment(sys.argv[2], sys.argv[3]).lock(); cm.__enter__(); print('held', flush=True);"
          "time.sleep(60)", str(Path(__file__).resolve().parent.parent), str(exp.parent), exp.name],
         stdout=subprocess.PIPE, text=True)
@@ -367,7 +367,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(trained, tmp_pa
 
 def test_a_pickle_checkpoint_is_refused_without_torch_advice_to_unpickle(tmp_path, capsys):
     import argparse
-    from driver.experiment import CheckpointError, load_checkpoint
+    from mpn_dqn.driver.experiment import CheckpointError, load_checkpoint
     bad = tmp_path / "evil.pt"
     torch.save({"learner": argparse.Namespace(x=1), "spec": {}}, bad)   # needs unpickling a class
     with pytest.raises(CheckpointError) as e:
@@ -384,8 +384,8 @@ def test_an_empty_experiment_name_is_refused(tmp_path, capsys):
 def test_the_replay_staleness_diagnostic_is_opt_in_and_leaves_training_draws_alone(tmp_path):
     """With --staleness-every the metrics carry the R2D2 staleness of replay's start state; it draws
     from its own RNG, so the training run is the same draw for draw as one without it."""
-    from driver.experiment import Experiment
-    from driver.runtime.local import train_local
+    from mpn_dqn.driver.experiment import Experiment
+    from mpn_dqn.driver.runtime.local import train_local
     runs = {}
     for name, every in (("off", 0), ("on", 5)):
         cfg = TrainConfig(env_name=PDM, num_actors=0, num_episodes=24, envs_per_actor=4, learning_starts=16,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import TrainConfig
-from driver.cli.parser import main
-from replay.snapshot import read_snapshot_file
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.cli.parser import main
+from mpn_dqn.replay.snapshot import read_snapshot_file
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -193,8 +193,8 @@ def test_failed_periodic_writes_are_reported_counted_and_training_goes_on(tmp_pa
     warning per kind, `io_errors` in the metrics, training reaches its episode count, and once
     writing works again the final checkpoint is written."""
     import errno
-    import replay.snapshot as snapshot_mod
-    import driver.experiment as experiment_mod
+    import mpn_dqn.replay.snapshot as snapshot_mod
+    import mpn_dqn.driver.experiment as experiment_mod
     real = snapshot_mod.write_atomic
     state = {"full": True}
 
@@ -204,11 +204,11 @@ def test_failed_periodic_writes_are_reported_counted_and_training_goes_on(tmp_pa
         return real(path, data)
     monkeypatch.setattr(snapshot_mod, "write_atomic", flaky)
     monkeypatch.setattr(experiment_mod, "write_atomic", flaky)
-    from driver.runtime.local import train_local
+    from mpn_dqn.driver.runtime.local import train_local
     cfg = TrainConfig(env_name="PerceptualDecisionMaking-v0", num_actors=0, num_episodes=40, envs_per_actor=4,
                       learning_starts=16, trial_batch_size=8, hidden_dim=16, print_freq=8, checkpoint_freq=8,
                       replay_snapshot_every=20, eval_trials=0, experiments_dir=str(tmp_path), experiment_name="full")
-    from driver.experiment import Experiment
+    from mpn_dqn.driver.experiment import Experiment
     exp = Experiment(tmp_path, "full")
     exp.create(cfg)
     logs = []
@@ -226,8 +226,8 @@ def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_with_one_line(tm
     """The disk stays full to the end: every checkpoint write fails, the final one included; the
     run ends with one line naming the file and the reason, and exit 2."""
     import errno
-    import replay.snapshot as snapshot_mod
-    import driver.experiment as experiment_mod
+    import mpn_dqn.replay.snapshot as snapshot_mod
+    import mpn_dqn.driver.experiment as experiment_mod
     real = snapshot_mod.write_atomic
 
     def full(path, data):

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import TrainConfig
-from driver.cli.parser import main
-from driver.experiment import Experiment
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.cli.parser import main
+from mpn_dqn.driver.experiment import Experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 PDM = "PerceptualDecisionMaking-v0"
@@ -107,7 +107,7 @@ def test_kuberay_rayjob_has_what_kuberay_needs():
 # -- single process: TensorBoard, heartbeat, watch -----------------------------------------------
 
 def test_local_run_writes_tensorboard_and_heartbeat(tmp_path, capsys):
-    from driver.runtime.local import train_local
+    from mpn_dqn.driver.runtime.local import train_local
     cfg = _cfg(tmp_path, num_actors=0, num_episodes=8, print_freq=2, experiment_name="tb-local")
     exp = Experiment(tmp_path, cfg.experiment_name)
     exp.create(cfg)
@@ -160,7 +160,7 @@ def _wait(pred, timeout, what, step=0.2):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_scale_a_running_job_up_and_down(ray_session, tmp_path, capsys):
-    from driver.runtime.distributed import DistributedTrainer
+    from mpn_dqn.driver.runtime.distributed import DistributedTrainer
     cfg = _cfg(tmp_path, num_actors=1)
     exp = Experiment(tmp_path, cfg.experiment_name)
     exp.create(cfg)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.codec import (FORMAT_VERSION, ParamsDecodeError, TrialDecodeError, TrialSchema,
+from mpn_dqn.common.codec import (FORMAT_VERSION, ParamsDecodeError, TrialDecodeError, TrialSchema,
                           decode_params, decode_trials, encode_params, encode_trials)
-from common.trial import Trial
+from mpn_dqn.common.trial import Trial
 from tests.helpers import assert_only_decode_errors, assert_trials_equal, make_trial, msgpack_paths
 
 OBS, STATE, ACTIONS = 3, 8, 3

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.codec import TrialDecodeError, TrialSchema, decode_trials, encode_trials
+from mpn_dqn.common.codec import TrialDecodeError, TrialSchema, decode_trials, encode_trials
 from tests.benchmarks import fuzz_codec
 from tests.helpers import assert_only_decode_errors, make_trial
 

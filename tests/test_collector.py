@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.collector import TrialCollector, derive_seed
-from common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
-from common.tasks import make_env, task_dims
+from mpn_dqn.actors.collector import TrialCollector, derive_seed
+from mpn_dqn.common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
+from mpn_dqn.common.tasks import make_env, task_dims
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -308,8 +308,8 @@ def test_burn_in_replays_into_the_init_state(env_name, n):
 
 def test_withhold_trials_count_as_correct_when_the_agent_fixates():
     """GoNogo's no-go trials reward a correct withhold with 0: an oracle must still score 1.0."""
-    from actors.collector import TrialCollector
-    from common.networks import NetSpec, QNetwork, export_params
+    from mpn_dqn.actors.collector import TrialCollector
+    from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
     spec = NetSpec(core="mpn", obs_dim=3, num_actions=2, hidden_dim=8)
     col = TrialCollector("GoNogo-v0", 100, spec, export_params(QNetwork(spec)), num_envs=2,
                          trials_per_episode=5, seed=3)
@@ -325,7 +325,7 @@ def test_exploration_is_defined_per_task_time():
     """ε is a probability per 100 ms of task time and decays over task time: at dt 10 a step
     explores with 1 - (1 - ε)^0.1, and the schedule takes 10x the steps; at dt 100 both are the
     plain per-step values."""
-    from common.exploration import epsilon_at, epsilon_per_step
+    from mpn_dqn.common.exploration import epsilon_at, epsilon_per_step
     assert epsilon_per_step(0.3, 100) == pytest.approx(0.3)
     p10 = epsilon_per_step(0.3, 10)
     assert 1 - (1 - p10) ** 10 == pytest.approx(0.3)            # 10 steps of 10 ms = 100 ms
@@ -336,7 +336,7 @@ def test_exploration_is_defined_per_task_time():
 
 def test_records_come_every_percent_of_the_run_and_every_few_seconds():
     from types import SimpleNamespace
-    from driver.observe.progress import Cadence
+    from mpn_dqn.driver.observe.progress import Cadence
     cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0,
                           trials_per_episode=10)
     c = Cadence(cfg, 0, now=0.0, target=300)                   # 3000 trials: a record every 30
@@ -357,7 +357,7 @@ def test_records_come_every_percent_of_the_run_and_every_few_seconds():
 
 def test_a_time_bounded_run_records_by_time_and_never_runs_out_of_episodes():
     from types import SimpleNamespace
-    from driver.observe.progress import Cadence, episodes_left, progress_line
+    from mpn_dqn.driver.observe.progress import Cadence, episodes_left, progress_line
     cfg = SimpleNamespace(print_freq=250, record_seconds=2.0, checkpoint_freq=1000, checkpoint_minutes=1.0,
                           trials_per_episode=10)
     c = Cadence(cfg, 0, now=0.0, target=None)
@@ -375,7 +375,7 @@ def test_a_time_bounded_run_records_by_time_and_never_runs_out_of_episodes():
 
 def test_the_default_budget_is_ten_minutes_and_a_budget_must_end():
     import pytest
-    from common.config import ConfigError, TrainConfig
+    from mpn_dqn.common.config import ConfigError, TrainConfig
     cfg = TrainConfig()
     assert cfg.num_episodes is None and cfg.time_limit_minutes == 10.0
     with pytest.raises(ConfigError, match="never end"):
@@ -385,9 +385,9 @@ def test_the_default_budget_is_ten_minutes_and_a_budget_must_end():
 
 def test_resume_continues_to_the_original_budget():
     import pytest
-    from common.config import TrainConfig
-    from driver.cli.preflight import UsageError
-    from driver.cli.commands import resume_budget
+    from mpn_dqn.common.config import TrainConfig
+    from mpn_dqn.driver.cli.preflight import UsageError
+    from mpn_dqn.driver.cli.commands import resume_budget
     cfg = TrainConfig()                                        # 10 min, no episode target
     assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, None, None) == (None, 6.0)
     assert resume_budget(cfg, {"episodes": 50, "wall_time": 240.0}, 80, None) == (80, None)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from common.config import TrainConfig
-from driver.experiment import Experiment, load_checkpoint
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.experiment import Experiment, load_checkpoint
 
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
-    from driver.runtime.distributed import train_distributed
+    from mpn_dqn.driver.runtime.distributed import train_distributed
     cfg = _cfg(tmp_path)
     exp = Experiment(tmp_path, cfg.experiment_name)
     exp.create(cfg)
@@ -66,8 +66,8 @@ def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
 
 
 def test_epsilon_spread_follows_the_active_actors_after_scale():
-    from common.exploration import actor_epsilon
-    from driver.runtime.ray_cluster import epsilon_spread
+    from mpn_dqn.common.exploration import actor_epsilon
+    from mpn_dqn.driver.runtime.ray_cluster import epsilon_spread
     one = epsilon_spread(["a"], {})
     assert one == {0: (0, 1)}
     four = epsilon_spread(["a", "b", "c", "d"], {})                 # scaled 1 -> 4
@@ -81,7 +81,7 @@ def test_epsilon_spread_follows_the_active_actors_after_scale():
 def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     """The embedded Ray gets this machine's CPUs, not the request: --num-actors 64 is refused with
     the numbers before Ray starts or a directory is written (also with a Ray already running)."""
-    from driver.cli.parser import main
+    from mpn_dqn.driver.cli.parser import main
     rc = main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "64",
                "--experiments-dir", str(tmp_path / "exps"), "--experiment-name", "many"])
     err = capsys.readouterr().err.strip()
@@ -92,7 +92,7 @@ def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothin
 
 def test_the_embedded_rays_auth_token_is_made_readable_by_its_owner_only(tmp_path, monkeypatch):
     """Ray writes ~/.ray/auth_token with mode 0644; after the embedded Ray starts it is 0600."""
-    from driver.runtime.ray_cluster import _private_token
+    from mpn_dqn.driver.runtime.ray_cluster import _private_token
     monkeypatch.setenv("HOME", str(tmp_path))
     token = tmp_path / ".ray" / "auth_token"
     token.parent.mkdir()

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from driver.experiment import Experiment, load_checkpoint
-from common.exploration import epsilon_at
-from driver.runtime.recovery import snapshot_info, snapshot_path
-from replay.snapshot import read_snapshot_file
+from mpn_dqn.driver.experiment import Experiment, load_checkpoint
+from mpn_dqn.common.exploration import epsilon_at
+from mpn_dqn.driver.runtime.recovery import snapshot_info, snapshot_path
+from mpn_dqn.replay.snapshot import read_snapshot_file
 
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from common.config import TrainConfig
-from driver.experiment import Experiment, load_checkpoint
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.experiment import Experiment, load_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +30,7 @@ def _cfg(tmp_path, **kw):
 
 
 def _trainer(cfg, tmp_path):
-    from driver.runtime.distributed import DistributedTrainer
+    from mpn_dqn.driver.runtime.distributed import DistributedTrainer
     exp = Experiment(tmp_path, cfg.experiment_name)
     exp.create(cfg)
     lines = []

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.networks import NetSpec, QNetwork
-from learner.loss import TensorBatch, n_step_targets, td_loss
+from mpn_dqn.common.networks import NetSpec, QNetwork
+from mpn_dqn.learner.loss import TensorBatch, n_step_targets, td_loss
 
 torch.set_num_threads(1)
 
@@ -225,7 +225,7 @@ def test_peak_autograd_memory_falls_with_chunk_size():
 
 def test_padding_the_time_axis_leaves_loss_and_gradients_unchanged():
     """The GPU path pads batches to bucketed lengths; masked padding must not change anything."""
-    from learner.learner import pad_time
+    from mpn_dqn.learner.learner import pad_time
     spec, online, target = _nets("mpn", learn=True)
     b = _batch(_trials(spec, [9, 14, 5]))
     grads = []
@@ -235,7 +235,7 @@ def test_padding_the_time_axis_leaves_loss_and_gradients_unchanged():
         grads.append((float(loss), [p.grad.clone() for p in online.parameters()]))
     assert pad_time(b, 32).obs.shape[1] == 32
     # buckets: within 12.5 % of T (within min_step for short T), a few lengths per doubling
-    from learner.learner import bucket_length
+    from mpn_dqn.learner.learner import bucket_length
     lengths = {bucket_length(T) for T in range(1, 1025)}
     assert all(T <= bucket_length(T) < max(T + 8, 1.125 * T) for T in range(1, 1025))
     assert [bucket_length(T) for T in (5, 40, 100, 465)] == [8, 40, 104, 480]
@@ -246,7 +246,7 @@ def test_padding_the_time_axis_leaves_loss_and_gradients_unchanged():
 
 
 def test_cuda_graphs_refused_without_cuda():
-    from learner.learner import DeviceError, Learner
+    from mpn_dqn.learner.learner import DeviceError, Learner
     spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=8)
     with pytest.raises(DeviceError):          # a CPU learner refuses graphs, GPU present or not
         Learner(spec, gamma=0.9, device="cpu", cuda_graphs=True)
@@ -254,7 +254,7 @@ def test_cuda_graphs_refused_without_cuda():
 
 
 def test_step_weights_put_each_trial_outcome_at_one():
-    from learner.loss import step_weights
+    from mpn_dqn.learner.loss import step_weights
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
     torch.testing.assert_close(step_weights(mask, 0.1),
                                torch.tensor([[0.1, 0.1, 0.1, 1.0], [0.1, 1.0, 0.0, 0.0]]))
@@ -262,7 +262,7 @@ def test_step_weights_put_each_trial_outcome_at_one():
 
 
 def test_task_time_weighting_is_the_plain_mean_at_dt_100():
-    from common.config import TrainConfig
+    from mpn_dqn.common.config import TrainConfig
     assert TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=100).effective_plain_step_weight == 1.0
     assert TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=10).effective_plain_step_weight == 0.1
     assert TrainConfig(env_name="PerceptualDecisionMaking-v0", dt=10,

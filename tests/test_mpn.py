@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.mpn import MPNCore, mpn_step_numpy
-from common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
+from mpn_dqn.common.mpn import MPNCore, mpn_step_numpy
+from mpn_dqn.common.networks import NetSpec, NumpyPolicy, QNetwork, export_params
 
 torch.set_num_threads(1)
 
@@ -27,7 +27,7 @@ def _random_net(spec: NetSpec, seed: int = 0) -> QNetwork:
     ("mpn", False, False, 1.0, 0.0), ("gru", False, False, 1.0, 1.0), ("lstm", False, True, 1.0, 1.0)])
 def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling, time_scale, bias, actor_kernel,
                                                    monkeypatch):
-    import common.networks as networks
+    import mpn_dqn.common.networks as networks
     if actor_kernel == "numpy":
         monkeypatch.setattr(networks.NumpyPolicy, "use_kernel", False)
     spec = NetSpec(core=core, obs_dim=4, num_actions=3, hidden_dim=16, eta=0.3, lambda_decay=0.9,
@@ -226,7 +226,7 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
 def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
     """--m-timescale-max-ms bounds M's time constant in task time (λ_max = exp(-dt/τ_max));
     an explicit --lambda-max wins; the bound never falls below the initial λ."""
-    from common.config import TrainConfig
+    from mpn_dqn.common.config import TrainConfig
     c = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0)
     assert c.effective_lambda_max == pytest.approx(math.exp(-10 / 3000))
     core = QNetwork(NetSpec.from_config(c, 3, 3)).core
@@ -259,7 +259,7 @@ def test_the_bound_on_lambda_does_not_slow_its_learning_where_it_does_not_bind()
 
 def _random_batch(state_size: int, B: int = 4, T: int = 6):
     """A small TD batch for a 3-input, 3-action network, zero initial state."""
-    from learner.loss import TensorBatch
+    from mpn_dqn.learner.loss import TensorBatch
     g = torch.Generator().manual_seed(0)
     return TensorBatch(obs=torch.randn(B, T, 3, generator=g), actions=torch.randint(0, 3, (B, T), generator=g),
                        rewards=torch.randn(B, T, generator=g), mask=torch.ones(B, T, dtype=torch.bool),
@@ -269,7 +269,7 @@ def _random_batch(state_size: int, B: int = 4, T: int = 6):
 def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
     """After every update θ sits at or below the bound, so λ ≤ λ_max; at the bound the gradient
     is the unconstrained one, so λ can come back down."""
-    from learner.learner import Learner
+    from mpn_dqn.learner.learner import Learner
     spec = NetSpec(core="mpn", obs_dim=3, num_actions=3, hidden_dim=8, learn_plasticity=True,
                    eta=0.5, lambda_decay=0.95, lambda_max=0.96)
     learner = Learner(spec, gamma=0.9, device="cpu")
@@ -292,8 +292,8 @@ def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
 def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
     """--eta-min-per-100ms: η ≥ its floor after every update (the stored η projected back); at
     the floor the gradient is the unconstrained one (η can rise again); the floor is per 100 ms."""
-    from common.config import ConfigError, TrainConfig
-    from learner.learner import Learner
+    from mpn_dqn.common.config import ConfigError, TrainConfig
+    from mpn_dqn.learner.learner import Learner
     cfg = TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=0.1)
     assert cfg.effective_eta_min == pytest.approx(0.01)
     spec = NetSpec.from_config(cfg, 3, 3)

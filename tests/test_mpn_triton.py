@@ -23,8 +23,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from common import mpn_triton
-    from common.mpn import MPNScan, MPNScanTriton, MPNCore, _use_triton_kernels
+    from mpn_dqn.common import mpn_triton
+    from mpn_dqn.common.mpn import MPNScan, MPNScanTriton, MPNCore, _use_triton_kernels
     B, T, I, H = (int(v) for v in sys.argv[1:5])
     g = torch.Generator().manual_seed(B * 1000 + H)
     ref = [torch.randn(B, T, I, generator=g, dtype=torch.float64),
@@ -80,7 +80,7 @@ def test_triton_scan_matches_torch_scan(B, T, I, H):
 
 def test_triton_scan_rejects_too_many_inputs():
     import torch
-    from common import mpn_triton
+    from mpn_dqn.common import mpn_triton
     x = torch.zeros(1, 2, mpn_triton.MAX_IN_DIM + 1)
     with pytest.raises(ValueError, match="at most"):
         mpn_triton.scan_forward(x, torch.zeros(1, x.shape[-1], 8), torch.zeros(x.shape[-1], 8),

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driver.cli.parser import main
-from driver.experiment import Experiment, load_checkpoint
+from mpn_dqn.driver.cli.parser import main
+from mpn_dqn.driver.experiment import Experiment, load_checkpoint
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -73,9 +73,9 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
 
 def test_eval_memory_does_not_grow_with_the_episode_count():
     """Running sums, not a list of every trial: the peak of 10x the episodes is about the same."""
-    from actors.evaluate import evaluate
-    from common.networks import NetSpec, QNetwork, export_params
-    from common.tasks import task_dims
+    from mpn_dqn.actors.evaluate import evaluate
+    from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+    from mpn_dqn.common.tasks import task_dims
     obs_dim, num_actions = task_dims(PDM, 100)
     spec = NetSpec(core="mpn", obs_dim=obs_dim, num_actions=num_actions, hidden_dim=4)
     params = export_params(QNetwork(spec))
@@ -97,9 +97,10 @@ def test_eval_memory_does_not_grow_with_the_episode_count():
     assert large < 1.5 * small + 50_000, (small, large)
 
 
+@pytest.mark.slow
 def test_eval_shows_progress_while_it_runs(trained, tmp_path):
     exp = _copy(trained, tmp_path)
-    code = ("import sys, driver.cli.commands as c; c.EVAL_PROGRESS_S = 0.2; from driver.cli.parser import main; "
+    code = ("import sys, mpn_dqn.driver.cli.commands as c; c.EVAL_PROGRESS_S = 0.2; from mpn_dqn.driver.cli.parser import main; "
             f"sys.exit(main(['eval', '--experiments-dir', {str(exp.parent)!r}, '--experiment-name', "
             "'tiny', '--num-eval-episodes', '1500']))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -110,6 +111,7 @@ def test_eval_shows_progress_while_it_runs(trained, tmp_path):
     assert r.stdout.index(lines[-1]) < r.stdout.index("| accuracy")      # progress, then the table
 
 
+@pytest.mark.slow
 def test_eval_that_cannot_save_prints_the_table_and_one_line(trained, tmp_path):
     exp = _copy(trained, tmp_path)
     (exp / "eval.json").mkdir()                  # where eval.json goes: a directory, so the rename fails
@@ -127,6 +129,7 @@ def test_eval_that_cannot_save_prints_the_table_and_one_line(trained, tmp_path):
 
 # --- resume ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_asking_for_more_actors_than_cpus_is_refused_and_writes_nothing(trained, tmp_path):
     exp = _copy(trained, tmp_path)
     cfg = json.loads((exp / "config.json").read_text())
@@ -170,6 +173,7 @@ def test_resume_from_a_chosen_checkpoint(trained, tmp_path, capsys):
 
 # --- a live driver, and one killed before its first checkpoint ------------------------------
 
+@pytest.mark.slow
 def test_a_second_train_of_a_live_experiment_names_the_driver(trained, tmp_path):
     exp = _copy(trained, tmp_path)
     with Experiment(exp.parent, "tiny").lock():          # this test process is the live driver
@@ -181,6 +185,7 @@ def test_a_second_train_of_a_live_experiment_names_the_driver(trained, tmp_path)
         assert _files(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path):
     name = "early"
     exp = Experiment(tmp_path, name)
@@ -219,9 +224,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path):
 
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_the_collector_refuses_a_network_of_another_observation_size(delta):
-    from actors.collector import TrialCollector
-    from common.networks import NetSpec, QNetwork, export_params
-    from common.tasks import task_dims
+    from mpn_dqn.actors.collector import TrialCollector
+    from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+    from mpn_dqn.common.tasks import task_dims
     obs_dim, num_actions = task_dims(PDM, 100)
     spec = NetSpec(core="mpn", obs_dim=obs_dim + delta, num_actions=num_actions, hidden_dim=4)
     with pytest.raises(ValueError, match=f"observes \\({obs_dim},\\) but the network takes "

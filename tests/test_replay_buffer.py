@@ -6,8 +6,8 @@ import io
 import numpy as np
 import pytest
 
-from common.trial import Trial
-from replay import TrialBatch, TrialBuffer
+from mpn_dqn.common.trial import Trial
+from mpn_dqn.replay import TrialBatch, TrialBuffer
 from tests.helpers import assert_trials_equal, make_trial
 
 OBS, STATE = 3, 8

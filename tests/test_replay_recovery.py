@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.codec import encode_trials
-from common.config import TrainConfig
-from driver.experiment import CheckpointError, Experiment, load_checkpoint
-from replay.server import ReplayServer
-from replay.snapshot import SnapshotError, pack_snapshot, unpack_snapshot, write_atomic
-from replay.wire import decode_batch
+from mpn_dqn.common.codec import encode_trials
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.experiment import CheckpointError, Experiment, load_checkpoint
+from mpn_dqn.replay.server import ReplayServer
+from mpn_dqn.replay.snapshot import SnapshotError, pack_snapshot, unpack_snapshot, write_atomic
+from mpn_dqn.replay.wire import decode_batch
 from tests.helpers import make_trial
 
 SCHEMA = {"obs_dim": 3, "state_size": 8, "num_actions": 3, "max_burnin": 0}
@@ -156,7 +156,7 @@ def test_atomic_write_killed_before_rename_keeps_the_old_file(tmp_path, monkeypa
 def test_checkpoint_killed_mid_write_leaves_nothing_resume_would_load(tmp_path, monkeypatch, die_at):
     """A kill while the temp file is being made durable, or just before the rename: the new
     checkpoint never appears under its name and the previous one is still what resume loads."""
-    import replay.snapshot as snap
+    import mpn_dqn.replay.snapshot as snap
     exp = Experiment(tmp_path, "x")
     exp.create(TrainConfig(experiment_name="x"))
     payload = {"learner": {"w": torch.arange(6.0)}, "spec": {}, "counters": {"episodes": 8}}

@@ -10,14 +10,14 @@ import msgpack
 import pytest
 import torch
 
-from actors.worker import ActorWorker
-from common.codec import encode_params
-from common.config import TrainConfig
-from common.networks import NetSpec, QNetwork, export_params
-from common.roles import LocalReplay, ReplayUnavailable, WeightsUnavailable
-from common.tasks import task_dims
-from learner.worker import LearnerWorker
-from replay.server import ReplayServer
+from mpn_dqn.actors.worker import ActorWorker
+from mpn_dqn.common.codec import encode_params
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+from mpn_dqn.common.roles import LocalReplay, ReplayUnavailable, WeightsUnavailable
+from mpn_dqn.common.tasks import task_dims
+from mpn_dqn.learner.worker import LearnerWorker
+from mpn_dqn.replay.server import ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_the_rate_limiter_holds_the_actor_until_the_learner_samples():
 
 
 def test_the_learner_publishes_versions_the_actor_takes():
-    from common.codec import decode_params
+    from mpn_dqn.common.codec import decode_params
     cfg, spec, server, msg = _setup(replay_ratio=4.0)
     replay = LocalReplay(server)
     actor = _actor(cfg, spec, replay, msg)
@@ -173,8 +173,8 @@ def test_the_single_process_runtime_runs_the_rate_limiter_acks_and_dedup(tmp_pat
     """`train-neurogym --num-actors 0` runs the same roles in one process: the replay's rate
     limiter holds the learner to samples-per-insert, every shipped trial is acknowledged, and
     an insert whose acknowledgement is lost is retried and stored once."""
-    import driver.runtime.local as local
-    from driver.experiment import Experiment
+    import mpn_dqn.driver.runtime.local as local
+    from mpn_dqn.driver.experiment import Experiment
     clients = []
 
     class Flaky(LostAck):

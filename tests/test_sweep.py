@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli.parser import main
-from driver.observe.results import markdown, merge_rows, time_to_pct
-from driver.runtime.sweep import SweepError, SweepSpec, trial_bundles
+from mpn_dqn.driver.cli.parser import main
+from mpn_dqn.driver.observe.results import markdown, merge_rows, time_to_pct
+from mpn_dqn.driver.runtime.sweep import SweepError, SweepSpec, trial_bundles
 
 ROOT = Path(__file__).resolve().parent.parent
 PDM = "PerceptualDecisionMaking-v0"
@@ -126,7 +126,7 @@ def test_markdown_says_when_a_task_cannot_be_learned_and_when_runs_failed():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_on_ray_runs_single_process_and_actor_trials_and_writes_results(ray_session, tmp_path, capsys):
-    from driver.runtime.sweep import run_sweep
+    from mpn_dqn.driver.runtime.sweep import run_sweep
     spec = SweepSpec(name="real", tasks=[PDM], seeds=[0], grid={"num-actors": ["0", "1"]},
                      train_args=TINY, sweeps_dir=str(tmp_path / "sweeps"), results_dir=str(tmp_path / "res"))
     out = run_sweep(spec, command="python main.py sweep ...")
@@ -199,7 +199,7 @@ def test_sweep_driver_killed_then_the_same_command_continues(ray_session, tmp_pa
 
 
 def test_results_command_rebuilds_the_table_from_results_json(tmp_path, capsys):
-    from driver.observe.results import write_report
+    from mpn_dqn.driver.observe.results import write_report
     row = {"task": "GoNogo-v0", "dt": 100, "core": "mpn", "seed": 0, "variant": "defaults", "status": "ok",
            "accuracy": 0.9, "pct_ceiling": 90.0, "ceiling": 1.0, "eval_trials": 100,
            "curve": [[1.0, 10, 0.5], [2.0, 20, 0.96]]}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from common.tasks import ideal_accuracy, make_env
+from mpn_dqn.common.tasks import ideal_accuracy, make_env
 
 
 def test_delay_match_category_hides_the_category_so_its_ceiling_is_chance():
@@ -42,7 +42,7 @@ def _category_distance(u, n=3000) -> float:
 
 
 def test_percent_of_ideal_only_where_a_ceiling_above_chance_is_known():
-    from common.tasks import pct_of_ideal
+    from mpn_dqn.common.tasks import pct_of_ideal
     assert pct_of_ideal(0.448, "PerceptualDecisionMaking-v0", 100) == pytest.approx(50.0)
     assert pct_of_ideal(0.5, "DelayMatchCategory-v0", 100) is None      # the ceiling is chance
     assert pct_of_ideal(0.9, "GoNogo-v0", 100) is None                  # no ceiling known
@@ -50,11 +50,11 @@ def test_percent_of_ideal_only_where_a_ceiling_above_chance_is_known():
 
 # --- native timing, refusals and trial outcomes -------------------------------------------
 
-from common.tasks import TaskError, check_task, native_dt  # noqa: E402
+from mpn_dqn.common.tasks import TaskError, check_task, native_dt  # noqa: E402
 
 
 def test_native_dt_is_the_tasks_own_and_the_config_defaults_to_it():
-    from common.config import TrainConfig
+    from mpn_dqn.common.config import TrainConfig
     assert native_dt("PulseDecisionMaking-v0") == 10
     assert native_dt("ReadySetGo-v0") == 80
     assert native_dt("ToneDetection-v0") == 50
@@ -81,7 +81,7 @@ def test_every_task_runs_at_its_own_dt():
 
 def _scripted_accuracy(env_name: str, policy: str, trials: int = 120, seed: int = 1):
     """Accuracy and premature-response rate of a scripted policy scored by TrialOutcome."""
-    from common.ceiling import run_policy
+    from mpn_dqn.common.ceiling import run_policy
     res = run_policy(env_name, native_dt(env_name), policy, trials, seed=seed)
     return res["accuracy"], res["premature_rate"]
 
@@ -112,7 +112,7 @@ def test_answering_through_the_stimulus_counts_as_premature():
 
 def test_dual_delay_match_sample_is_correct_only_when_both_answers_are_right():
     """Its final reward scores only the answer in test2; the answer in test1 must be right too."""
-    from common.tasks import TrialOutcome
+    from mpn_dqn.common.tasks import TrialOutcome
     env = make_env("DualDelayMatchSample-v0", 100, seed=0)
     u = env.unwrapped
     env.reset(seed=0)

@@ -5,8 +5,8 @@ import dataclasses
 import time
 import warnings
 
-from actors.evaluate import evaluate
-from driver.experiment import (NETWORK_FIELDS, REPLAY_FIELDS, Experiment, check_checkpoint_matches,
+from mpn_dqn.actors.evaluate import evaluate
+from mpn_dqn.driver.experiment import (NETWORK_FIELDS, REPLAY_FIELDS, Experiment, check_checkpoint_matches,
                                load_checkpoint, load_policy_params)
 
 
@@ -61,7 +61,7 @@ def run_eval(exp: Experiment, *, num_episodes: int, checkpoint: str | None, seed
     try:                                   # the table is out first: a failed write loses nothing
         exp.write_json("eval.json", res)
     except OSError as exc:
-        from driver.experiment import ExperimentError
+        from mpn_dqn.driver.experiment import ExperimentError
         raise ExperimentError(f"eval: could not save the result to {exp.dir / 'eval.json'} "
                               f"({exc.strerror or exc}); the table above is the result") from exc
     log(f"Wrote {exp.dir / 'eval.json'}")
@@ -72,9 +72,9 @@ def run_render(exp: Experiment, *, output: str, checkpoint: str | None, seed: in
                max_trials: int | None, fps: int, log=print) -> str:
     import tempfile
     from pathlib import Path
-    from common.analysis import load_record, record_trials, save_record
-    from common.ceiling import ceiling_for
-    from driver.observe.render import write_gif
+    from mpn_dqn.common.analysis import load_record, record_trials, save_record
+    from mpn_dqn.common.ceiling import ceiling_for
+    from mpn_dqn.driver.observe.render import write_gif
     cfg = exp.load_config()
     spec, params, _, path = load_policy_params(exp, checkpoint)
     n_trials = max_trials or cfg.trials_per_episode
@@ -97,12 +97,12 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
     latest, ck = _resume_point(exp, checkpoint, log)
     # before anything is rewritten; budget and runtime fields (episodes, minutes, actors, ...) may differ
     check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)
-    from driver.runtime.recovery import load_resume_snapshot
+    from mpn_dqn.driver.runtime.recovery import load_resume_snapshot
     load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
     done = int(ck["counters"].get("episodes", 0))
     target, time_limit_minutes = resume_budget(cfg, ck["counters"], num_episodes, time_limit_minutes)
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
-    from driver.cli.preflight import capacity_preflight
+    from mpn_dqn.driver.cli.preflight import capacity_preflight
     started = capacity_preflight(cfg, "resume")     # as train checks it: actors that cannot be placed
     try:
         with exp.lock():            # the run is still live: exit 2, nothing touched
@@ -123,7 +123,7 @@ def resume_budget(cfg, counters: dict, num_episodes: int | None,
     """(episode target, minutes) of a resumed run.  ``--num-episodes`` alone: that new total, no
     time limit.  Neither: the original run's target and what is left of its time limit.
     A budget already spent, or one that never ends, is a :class:`UsageError`."""
-    from driver.cli.preflight import UsageError
+    from mpn_dqn.driver.cli.preflight import UsageError
     done = int(counters.get("episodes", 0))
     target = num_episodes if num_episodes is not None else cfg.num_episodes
     if target is not None and target <= done:
@@ -145,7 +145,7 @@ def resume_budget(cfg, counters: dict, num_episodes: int | None,
 def _resume_point(exp: Experiment, checkpoint: str | None, log) -> tuple:
     """The checkpoint to continue from: ``checkpoint`` if given, else the newest one that loads;
     a damaged newer one is skipped with a warning naming it."""
-    from driver.experiment import CheckpointError
+    from mpn_dqn.driver.experiment import CheckpointError
     if checkpoint is not None:
         path = exp.resolve_checkpoint(checkpoint)
         return path, load_checkpoint(path)
@@ -155,7 +155,7 @@ def _resume_point(exp: Experiment, checkpoint: str | None, log) -> tuple:
                               f"before its first one; looked in {exp.checkpoint_dir}); start it "
                               f"again with `train-neurogym --experiment-name {exp.name} --overwrite` "
                               "and the options in its config.json")
-    from driver.experiment import _checkpoint_episode
+    from mpn_dqn.driver.experiment import _checkpoint_episode
     damaged = []
     for i, path in enumerate(cands):
         try:
@@ -176,7 +176,7 @@ def _continue(cfg, exp: Experiment, latest: str, target: int, log) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.num_actors == 0:
-            from driver.runtime.local import train_local
+            from mpn_dqn.driver.runtime.local import train_local
             return train_local(cfg, exp, resume_from=latest, target_episodes=target, log=log)
-        from driver.runtime.distributed import train_distributed
+        from mpn_dqn.driver.runtime.distributed import train_distributed
         return train_distributed(cfg, exp, resume_from=latest, target_episodes=target, log=log)

@@ -12,8 +12,8 @@ import difflib
 import os
 import sys
 
-from common.config import ConfigError, TrainConfig, random_experiment_name
-from driver.cli.preflight import (UsageError, capacity_preflight, task_and_device_preflight,
+from mpn_dqn.common.config import ConfigError, TrainConfig, random_experiment_name
+from mpn_dqn.driver.cli.preflight import (UsageError, capacity_preflight, task_and_device_preflight,
                                   writable_dir)
 
 EXIT_USAGE = 2
@@ -229,7 +229,7 @@ def cmd_train(ns) -> int:
     except (ConfigError, TypeError) as exc:
         raise UsageError(f"train-neurogym: {exc}") from exc
     task_and_device_preflight(cfg)
-    from driver.experiment import Experiment
+    from mpn_dqn.driver.experiment import Experiment
     name = cfg.experiment_name or random_experiment_name()
     cfg.experiment_name = name
     cfg.num_actors = cfg.effective_num_actors        # "auto" resolved and recorded in config.json
@@ -251,15 +251,15 @@ def _train_new(cfg: TrainConfig, exp) -> int:
     exp.create(cfg, overwrite=cfg.overwrite)
     print(f"Experiment: {exp.dir}  (task {cfg.env_name}, dt {cfg.dt}, core {cfg.core}, "
           f"{'single process' if cfg.num_actors == 0 else f'{cfg.num_actors} Ray actor' + ('s' if cfg.num_actors != 1 else '')})", flush=True)
-    from common.ceiling import ceiling_for
+    from mpn_dqn.common.ceiling import ceiling_for
     ceil = ceiling_for(cfg.env_name, cfg.dt)          # measured once per task and dt, cached
     print(f"Ceiling: {ceil['ceiling']:.3f} ({ceil['ceiling_source']}); best trivial policy "
           f"({ceil['best_trivial']['policy']}) {ceil['best_trivial']['accuracy']:.3f}", flush=True)
     if cfg.num_actors == 0:
-        from driver.runtime.local import train_local
+        from mpn_dqn.driver.runtime.local import train_local
         summary = train_local(cfg, exp)
     else:
-        from driver.runtime.distributed import train_distributed
+        from mpn_dqn.driver.runtime.distributed import train_distributed
         summary = train_distributed(cfg, exp)
     return _exit_code(summary)
 
@@ -272,7 +272,7 @@ def _exit_code(summary: dict) -> int:
 
 
 def _open(ns):
-    from driver.experiment import Experiment, ExperimentError
+    from mpn_dqn.driver.experiment import Experiment, ExperimentError
     try:
         return Experiment.open_existing(ns.experiments_dir, ns.experiment_name)
     except (ExperimentError, ConfigError) as exc:
@@ -285,7 +285,7 @@ def cmd_eval(ns) -> int:
         raise UsageError(f"eval: --num-eval-episodes {ns.num_eval_episodes} is more than "
                          f"{MAX_EVAL_EPISODES}; the accuracy's stderr is already < 0.002 there")
     exp = _open(ns)
-    from driver.cli.commands import run_eval
+    from mpn_dqn.driver.cli.commands import run_eval
     import functools
     run_eval(exp, num_episodes=ns.num_eval_episodes, checkpoint=ns.checkpoint, seed=ns.seed,
              log=functools.partial(print, flush=True))
@@ -301,7 +301,7 @@ def cmd_render(ns) -> int:
     if not os.path.isdir(out_dir):
         raise UsageError(f"render: the directory of --output {ns.output!r} does not exist")
     exp = _open(ns)
-    from driver.cli.commands import run_render
+    from mpn_dqn.driver.cli.commands import run_render
     run_render(exp, output=ns.output, checkpoint=ns.checkpoint, seed=ns.seed,
                max_trials=ns.max_trials, fps=ns.fps)
     return 0
@@ -310,7 +310,7 @@ def cmd_render(ns) -> int:
 def cmd_resume(ns) -> int:
     _positive("--num-episodes", ns.num_episodes)
     exp = _open(ns)
-    from driver.cli.commands import run_resume
+    from mpn_dqn.driver.cli.commands import run_resume
     summary = run_resume(exp, num_episodes=ns.num_episodes, time_limit_minutes=ns.time_limit_minutes,
                          checkpoint=ns.checkpoint)
     return _exit_code(summary)
@@ -319,7 +319,7 @@ def cmd_resume(ns) -> int:
 def cmd_scale(ns) -> int:
     _positive("--num-actors", ns.num_actors, allow_none=False)
     exp = _open(ns)
-    from driver.runtime.live import ScaleError, check_scalable, send_scale_request, wait_scale_result
+    from mpn_dqn.driver.runtime.live import ScaleError, check_scalable, send_scale_request, wait_scale_result
     try:
         hb = check_scalable(exp.dir)
     except ScaleError as exc:
@@ -345,13 +345,13 @@ def cmd_ceiling(ns) -> int:
     _positive("--dt", ns.dt)
     if ns.seed < 0:
         raise UsageError(f"ceiling: --seed must be >= 0, got {ns.seed}")
-    from common.tasks import TaskError, UnknownTaskError, check_task, native_dt
+    from mpn_dqn.common.tasks import TaskError, UnknownTaskError, check_task, native_dt
     try:
         dt = ns.dt if ns.dt is not None else native_dt(ns.env_name)
         check_task(ns.env_name, dt)
     except (TaskError, UnknownTaskError) as exc:
         raise UsageError(f"ceiling: {exc}") from exc
-    from common.ceiling import ceiling_for, learnable
+    from mpn_dqn.common.ceiling import ceiling_for, learnable
     res = ceiling_for(ns.env_name, dt, ns.trials, ns.seed)
     if ns.json:
         import json
@@ -375,10 +375,10 @@ def cmd_ceiling(ns) -> int:
 
 
 def cmd_sweep(ns) -> int:
-    from driver.runtime.sweep import SweepError, SweepSpec, command_line, run_sweep, trial_bundles
+    from mpn_dqn.driver.runtime.sweep import SweepError, SweepSpec, command_line, run_sweep, trial_bundles
     if ns.battery and ns.env_name:
         raise UsageError("sweep: give --env-name or --battery, not both")
-    from common.tasks import BATTERY
+    from mpn_dqn.common.tasks import BATTERY
     grid = {}
     for g in ns.grid:
         opt, sep, values = g.partition("=")
@@ -414,7 +414,7 @@ def cmd_analyze(ns) -> int:
     if ns.seed < 0:
         raise UsageError(f"analyze: --seed must be >= 0, got {ns.seed}")
     exp = _open(ns)
-    from driver.observe.analyze import run_analyze
+    from mpn_dqn.driver.observe.analyze import run_analyze
     run_analyze(exp, checkpoint=ns.checkpoint, num_trials=ns.num_trials, seed=ns.seed)
     return 0
 
@@ -423,14 +423,14 @@ def cmd_plot(ns) -> int:
     exp = _open(ns)
     if not exp.metrics_path.exists() or not exp.read_metrics():
         raise UsageError(f"plot: {exp.name} has no metrics records yet ({exp.metrics_path})")
-    from driver.observe.plots import plot_training
+    from mpn_dqn.driver.observe.plots import plot_training
     print(f"Wrote {plot_training(exp)}")
     return 0
 
 
 def cmd_results(ns) -> int:
     from pathlib import Path
-    from driver.observe.results import load_rows, write_report
+    from mpn_dqn.driver.observe.results import load_rows, write_report
     path = Path(ns.results_dir) / "results.json"
     try:
         rows = load_rows(path)
@@ -447,7 +447,7 @@ def cmd_watch(ns) -> int:
     if not ns.interval > 0:
         raise UsageError(f"watch: --interval must be > 0, got {ns.interval}")
     exp = _open(ns)
-    from driver.observe.watch import watch
+    from mpn_dqn.driver.observe.watch import watch
     return watch(exp.dir, once=ns.once, interval=ns.interval)
 
 
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001
-        from driver.experiment import CheckpointError, ExperimentError
+        from mpn_dqn.driver.experiment import CheckpointError, ExperimentError
         if isinstance(exc, (CheckpointError, ExperimentError)):
             print(f"mpn-dqn: error: {exc}", file=sys.stderr)
             return EXIT_USAGE

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from common.config import TrainConfig
+from mpn_dqn.common.config import TrainConfig
 
 
 class UsageError(Exception):
@@ -14,12 +14,12 @@ class UsageError(Exception):
 
 def task_and_device_preflight(cfg: TrainConfig) -> None:
     """Checks that need the outside world (task registry, GPU) — before anything is written."""
-    from common.tasks import TaskError, UnknownTaskError, check_task
+    from mpn_dqn.common.tasks import TaskError, UnknownTaskError, check_task
     try:
         check_task(cfg.env_name, cfg.dt)
     except (TaskError, UnknownTaskError) as exc:
         raise UsageError(f"train-neurogym: {exc}") from exc
-    from learner.learner import DeviceError, resolve_device
+    from mpn_dqn.learner.learner import DeviceError, resolve_device
     try:
         resolve_device(cfg.device)
     except DeviceError as exc:
@@ -61,7 +61,7 @@ def capacity_preflight(cfg: TrainConfig, command: str = "train-neurogym") -> boo
                              f"one for the learner) but this machine has {cpus}; use --num-actors "
                              f"{fewer} or fewer (0: one process), or join a cluster with --address")
         return False
-    from driver.runtime.ray_cluster import ClusterError, check_capacity, check_reachable, init_ray
+    from mpn_dqn.driver.runtime.ray_cluster import ClusterError, check_capacity, check_reachable, init_ray
     try:
         if cfg.address:
             check_reachable(cfg.address)

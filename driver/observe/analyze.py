@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import analysis as an
+from mpn_dqn.common import analysis as an
 
 MAX_TIME_POINTS = 40            # decoding over time: at most this many steps (a stride beyond)
 
 
 def run_analyze(exp, *, checkpoint: str | None, num_trials: int, seed: int, log=print) -> dict:
-    from common.ceiling import ceiling_for
-    from driver.experiment import load_policy_params
+    from mpn_dqn.common.ceiling import ceiling_for
+    from mpn_dqn.driver.experiment import load_policy_params
     t0 = time.time()
     cfg = exp.load_config()
     spec, params, _, path = load_policy_params(exp, checkpoint)

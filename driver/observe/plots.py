@@ -15,7 +15,7 @@ def plot_training(exp) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from common.ceiling import ceiling_for
+    from mpn_dqn.common.ceiling import ceiling_for
 
     recs = exp.read_metrics()
     cfg = exp.load_config()

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.ceiling import ceiling_for, pct_of_ceiling
-from common.tasks import pct_of_ideal
+from mpn_dqn.common.ceiling import ceiling_for, pct_of_ceiling
+from mpn_dqn.common.tasks import pct_of_ideal
 
 
 def episodes_left(episodes: int, target: int | None) -> bool:

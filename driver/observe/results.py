@@ -44,7 +44,7 @@ def _machine_of(exp_dir: Path) -> dict:
     try:
         return json.loads((exp_dir / "machine.json").read_text())
     except (OSError, json.JSONDecodeError):
-        from driver.experiment import machine
+        from mpn_dqn.driver.experiment import machine
         return machine()
 
 
@@ -143,14 +143,14 @@ def _fmt(x, spec=".3f", none="-"):
 
 def current_ceilings(rows: list[dict]) -> dict:
     """The ceiling of each (task, dt) as ``python main.py ceiling`` measures it now (cached)."""
-    from common.ceiling import ceiling_for
+    from mpn_dqn.common.ceiling import ceiling_for
     return {(t, dt): ceiling_for(t, dt) for t, dt in sorted({(r["task"], r["dt"]) for r in rows})}
 
 
 def summarize(rows: list[dict], ceilings: dict | None = None) -> list[dict]:
     """One line per (task, dt, core, variant): statistics over its seeds.  With ``ceilings``
     ({(task, dt): ceiling_for(...)}) % of ceiling uses them, else each row's own."""
-    from common.ceiling import learnable, pct_of_ceiling
+    from mpn_dqn.common.ceiling import learnable, pct_of_ceiling
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["dt"], r["core"], r["variant"]), []).append(r)

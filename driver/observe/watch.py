@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from driver.observe.telemetry import heartbeat_alive, read_heartbeat
+from mpn_dqn.driver.observe.telemetry import heartbeat_alive, read_heartbeat
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_LEN = 40

@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from common.config import TrainConfig
-from driver.experiment import Experiment
-from driver.runtime.live import LiveControlMixin
-from driver.runtime.loop import STATUS_PERIOD_S, TrainingLoop
-from driver.runtime.ray_cluster import actor_scheduling, check_capacity, init_ray, learner_gpus
-from driver.runtime.recovery import RecoveryMixin
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.driver.experiment import Experiment
+from mpn_dqn.driver.runtime.live import LiveControlMixin
+from mpn_dqn.driver.runtime.loop import STATUS_PERIOD_S, TrainingLoop
+from mpn_dqn.driver.runtime.ray_cluster import actor_scheduling, check_capacity, init_ray, learner_gpus
+from mpn_dqn.driver.runtime.recovery import RecoveryMixin
 
 def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = None,
                       target_episodes: int | None = None, log=print) -> dict:
@@ -47,7 +47,7 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin, TrainingLoop):
 
     def __init__(self, cfg: TrainConfig, exp: Experiment, *, resume_from: str | None,
                  target_episodes: int | None = None, log=print):
-        from driver.runtime.ray_roles import remote_role_classes
+        from mpn_dqn.driver.runtime.ray_roles import remote_role_classes
         TrainingLoop.__init__(self, cfg, exp, resume_from=resume_from, target_episodes=target_episodes,
                               log=log)
         check_capacity(cfg.effective_num_actors)

@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from driver.observe.telemetry import Telemetry, heartbeat_alive, read_heartbeat, write_json_atomic
+from mpn_dqn.driver.observe.telemetry import Telemetry, heartbeat_alive, read_heartbeat, write_json_atomic
 
 CONTROL_FILE = "control.json"
 CONTROL_RESULT_FILE = "control_result.json"
@@ -174,7 +174,7 @@ class LiveControlMixin:
             reason = f"num_actors must be a whole number >= 1, got {n!r}"
         elif n > before:
             need = n - before
-            from driver.runtime.ray_cluster import current_placement_group
+            from mpn_dqn.driver.runtime.ray_cluster import current_placement_group
             pg = current_placement_group()
             if pg is not None:
                 slots = sum(1 for b in pg.bundle_specs if b.get("CPU", 0) >= 1) - 1   # minus the learner's

@@ -13,15 +13,15 @@ from __future__ import annotations
 import msgpack
 import torch
 
-from actors.worker import ActorWorker
-from common.config import TrainConfig
-from common.roles import LocalReplay
-from driver.experiment import CheckpointError, Experiment
-from driver.runtime.loop import TrainingLoop
-from driver.observe.telemetry import Telemetry
-from learner.worker import LearnerWorker
-from replay.server import ReplayServer
-from replay.snapshot import SnapshotError
+from mpn_dqn.actors.worker import ActorWorker
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.common.roles import LocalReplay
+from mpn_dqn.driver.experiment import CheckpointError, Experiment
+from mpn_dqn.driver.runtime.loop import TrainingLoop
+from mpn_dqn.driver.observe.telemetry import Telemetry
+from mpn_dqn.learner.worker import LearnerWorker
+from mpn_dqn.replay.server import ReplayServer
+from mpn_dqn.replay.snapshot import SnapshotError
 
 PUBLISH_EVERY_UPDATES = 10      # actors see new weights every 10 updates (as on Ray)
 CHUNK_STEPS = 8                 # vectorised env steps the actor takes per loop turn

@@ -25,17 +25,17 @@ from types import SimpleNamespace
 import msgpack
 import torch
 
-from actors.evaluate import evaluate
-from common.config import TrainConfig
-from common.exploration import epsilon_at
-from common.networks import NetSpec, QNetwork, export_params
-from common.tasks import task_dims
-from driver.experiment import Experiment, WriteGuard, load_checkpoint
-from driver.observe.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left,
+from mpn_dqn.actors.evaluate import evaluate
+from mpn_dqn.common.config import TrainConfig
+from mpn_dqn.common.exploration import epsilon_at
+from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+from mpn_dqn.common.tasks import task_dims
+from mpn_dqn.driver.experiment import Experiment, WriteGuard, load_checkpoint
+from mpn_dqn.driver.observe.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left,
                              explain_overshoot, make_record, progress_line)
-from driver.runtime.recovery import load_resume_snapshot, snapshot_path, write_resume_json, counter_extra
-from learner.learner import Learner
-from replay.snapshot import write_atomic, write_snapshot_file
+from mpn_dqn.driver.runtime.recovery import load_resume_snapshot, snapshot_path, write_resume_json, counter_extra
+from mpn_dqn.learner.learner import Learner
+from mpn_dqn.replay.snapshot import write_atomic, write_snapshot_file
 
 STATUS_PERIOD_S = 0.5           # the learner's and replay's status are polled this often
 
@@ -158,7 +158,7 @@ def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learne
         summary.update(evaluate_and_select(exp, cfg, spec, export_params(learner.online), log=log))
     exp.write_json("summary.json", summary)
     if cfg.plot_training:
-        from driver.observe.plots import plot_training
+        from mpn_dqn.driver.observe.plots import plot_training
         path = plot_training(exp)
         log(f"Training curves: {path}")
     return summary

@@ -19,9 +19,12 @@ import os
 import time
 from pathlib import Path
 
-from common.config import TrainConfig
+import mpn_dqn
+from mpn_dqn.common.config import TrainConfig
 
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
+# the folder that holds the mpn_dqn package (a checkout's root, or site-packages): Ray's worker
+# processes import the roles from there
+CODE_ROOT = str(Path(mpn_dqn.__file__).resolve().parents[1])
 
 
 class ClusterError(RuntimeError):
@@ -29,7 +32,7 @@ class ClusterError(RuntimeError):
 
 
 def worker_env() -> dict:
-    return {"env_vars": {"PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    return {"env_vars": {"PYTHONPATH": CODE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                          "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}}
 
 

@@ -11,12 +11,12 @@ roles are handed (:mod:`common.roles`).  The only place where a role meets Ray.
 """
 from __future__ import annotations
 
-from actors.worker import ActorWorker
-from common.networks import NetSpec
-from common.roles import ReplayUnavailable, WeightsUnavailable
-from learner.worker import LearnerWorker
-from replay.server import ReplayServer
-from replay.wire import decode_batch
+from mpn_dqn.actors.worker import ActorWorker
+from mpn_dqn.common.networks import NetSpec
+from mpn_dqn.common.roles import ReplayUnavailable, WeightsUnavailable
+from mpn_dqn.learner.worker import LearnerWorker
+from mpn_dqn.replay.server import ReplayServer
+from mpn_dqn.replay.wire import decode_batch
 
 INSERT_TIMEOUT_S = 30.0
 SAMPLE_TIMEOUT_S = 30.0

@@ -27,8 +27,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from driver.experiment import CheckpointError, Experiment
-from replay.snapshot import SnapshotError, read_snapshot_file
+from mpn_dqn.driver.experiment import CheckpointError, Experiment
+from mpn_dqn.replay.snapshot import SnapshotError, read_snapshot_file
 
 SNAPSHOT_NAME = "replay_snapshot.npz"
 _COUNTER_KEYS = ("episodes", "env_steps", "trials", "updates", "trial_steps_trained")
@@ -95,7 +95,7 @@ class RecoveryMixin:
         self.log(msg)
 
     def _new_replay(self):
-        from replay.server import ReplayServer
+        from mpn_dqn.replay.server import ReplayServer
         return self.replay_cls.remote(
             **ReplayServer.config_kwargs(self.cfg, self.spec),
             seed=self.cfg.seed + self.counters.episodes + 1_000 * self.replay_epoch,
@@ -173,7 +173,7 @@ class RecoveryMixin:
         return summary
 
     def _submit(self, i: int) -> None:
-        from driver.runtime.ray_cluster import epsilon_spread
+        from mpn_dqn.driver.runtime.ray_cluster import epsilon_spread
         spread = epsilon_spread(self.actors, getattr(self, "_draining", {})).get(i)
         self.inflight[self.actors[i].run_chunk.remote(self.counters.env_steps, self.weights,
                                                       spread=spread)] = i
@@ -193,7 +193,7 @@ class RecoveryMixin:
         self.actor_restarts += 1
         inc = self.incarnation[i] = self.incarnation.get(i, 0) + 1
         params_msg = self._params_msg()
-        from driver.runtime.ray_cluster import actor_scheduling
+        from mpn_dqn.driver.runtime.ray_cluster import actor_scheduling
         self.actors[i] = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
             self.cfg_d, self.spec_d, i,
             max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)), self.replay, params_msg,

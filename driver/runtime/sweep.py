@@ -33,7 +33,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, TrainConfig, check_experiment_name
+from mpn_dqn.common.config import ConfigError, TrainConfig, check_experiment_name
 
 # options a sweep sets itself for every trial: not allowed after `--` or in --grid
 RESERVED = {"env-name", "seed", "core", "experiment-name", "experiments-dir", "overwrite", "address"}
@@ -135,7 +135,7 @@ class SweepSpec:
         for what, xs in (("--env-name", self.tasks), ("--seeds", self.seeds), ("--cores", self.cores)):
             if len(set(xs)) != len(xs):
                 raise SweepError(f"{what} lists a value twice: {' '.join(map(str, xs))}")
-        from common.tasks import UnknownTaskError, check_task_name
+        from mpn_dqn.common.tasks import UnknownTaskError, check_task_name
         for t in self.tasks:
             try:
                 check_task_name(t)
@@ -257,8 +257,8 @@ def run_trial(config: dict) -> None:
     torch.set_num_threads(1)
     if config.get("cache_dir"):
         os.environ["MPN_DQN_CACHE_DIR"] = config["cache_dir"]
-    from driver.experiment import Experiment
-    from driver.observe.results import row_from_experiment
+    from mpn_dqn.driver.experiment import Experiment
+    from mpn_dqn.driver.observe.results import row_from_experiment
     trial = Trial.from_dict(config["trial"])
     cfg = trial.config(config["experiments_dir"], config["auto_actors"])
     exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
@@ -282,8 +282,8 @@ def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
     log(f"sweep trial {trial.experiment_name}: train-neurogym {shlex.join(trial.argv(cfg.experiments_dir))}")
     run_cfg, resume_from = cfg, None
     if latest is not None:
-        from driver.experiment import NETWORK_FIELDS, REPLAY_FIELDS, check_checkpoint_matches, load_checkpoint
-        from driver.observe.progress import Counters
+        from mpn_dqn.driver.experiment import NETWORK_FIELDS, REPLAY_FIELDS, check_checkpoint_matches, load_checkpoint
+        from mpn_dqn.driver.observe.progress import Counters
         ck = load_checkpoint(latest)
         check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)   # as resume does
         done = Counters.from_dict(ck["counters"])
@@ -293,10 +293,10 @@ def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
             run_cfg = dataclasses.replace(cfg, time_limit_minutes=left)
         log(f"continuing from {latest.name} (episode {done.episodes}, {done.wall_time:.0f} s done)")
     if cfg.num_actors == 0:
-        from driver.runtime.local import train_local
+        from mpn_dqn.driver.runtime.local import train_local
         train_local(run_cfg, exp, resume_from=resume_from, log=log)
     else:
-        from driver.runtime.distributed import train_distributed
+        from mpn_dqn.driver.runtime.distributed import train_distributed
         train_distributed(run_cfg, exp, resume_from=resume_from, log=log)
 
 
@@ -368,7 +368,7 @@ def _progress_callback(total: int, log=_console, report=None):
 
 def prepare(spec: SweepSpec) -> None:
     """Checks that need the outside world (task registry, an existing sweep), before writing."""
-    from common.tasks import TaskError, UnknownTaskError, check_task
+    from mpn_dqn.common.tasks import TaskError, UnknownTaskError, check_task
     seen = set()
     for t in spec.trials:
         cfg = spec.config_of(t)
@@ -396,7 +396,7 @@ def prepare(spec: SweepSpec) -> None:
     if spec.results_dir and Path(spec.results_dir).exists() and not Path(spec.results_dir).is_dir():
         raise SweepError(f"--results-dir {spec.results_dir} is not a directory")
     if spec.results_dir:
-        from driver.observe.results import load_rows
+        from mpn_dqn.driver.observe.results import load_rows
         try:
             load_rows(Path(spec.results_dir) / "results.json")
         except (ValueError, json.JSONDecodeError) as exc:
@@ -411,7 +411,7 @@ class _Reporter:
         self.name, self.title, self.commit, self.command = spec.name, spec.title, commit, command
 
     def row(self, t: Trial) -> dict | None:
-        from driver.observe.results import row_from_experiment
+        from mpn_dqn.driver.observe.results import row_from_experiment
         exp_dir = self.experiments_dir / t.experiment_name
         if not (exp_dir / "config.json").exists():
             return None
@@ -419,7 +419,7 @@ class _Reporter:
                                    extra={"sweep": self.name, "grid": " ".join(t.grid_args)})
 
     def __call__(self, trial: dict) -> None:
-        from driver.observe.results import write_report
+        from mpn_dqn.driver.observe.results import write_report
         row = self.row(Trial.from_dict(trial))
         if row is not None:
             write_report(self.report_dir, [row], title=self.title, command=self.command)
@@ -429,15 +429,15 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
     """Run (or resume) the sweep; returns what was written and the trial counts."""
     import ray
     from ray import tune
-    from common.ceiling import ceiling_for
-    from driver.runtime.ray_cluster import init_ray
-    from driver.observe.results import git_commit, write_report
+    from mpn_dqn.common.ceiling import ceiling_for
+    from mpn_dqn.driver.runtime.ray_cluster import init_ray
+    from mpn_dqn.driver.observe.results import git_commit, write_report
     prepare(spec)
     trials = spec.trials
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")    # Tune's console tables off: one line per trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # the embedded Ray gets this machine's CPUs, no more: trials that do not fit are refused
-    from driver.runtime.ray_cluster import ClusterError
+    from mpn_dqn.driver.runtime.ray_cluster import ClusterError
     try:
         started = init_ray(TrainConfig(env_name=spec.tasks[0], num_actors=0, address=spec.address), log)
     except ClusterError as exc:

@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.collector import TrialCollector  # noqa: E402
-from common.codec import encode_trials  # noqa: E402
-from common.networks import NetSpec, QNetwork, export_params  # noqa: E402
-from common.tasks import make_env, task_dims  # noqa: E402
+from mpn_dqn.actors.collector import TrialCollector  # noqa: E402
+from mpn_dqn.common.codec import encode_trials  # noqa: E402
+from mpn_dqn.common.networks import NetSpec, QNetwork, export_params  # noqa: E402
+from mpn_dqn.common.tasks import make_env, task_dims  # noqa: E402
 
 
 def raw_rate(env_name, dt, K, steps, seed):

@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.codec import TrialSchema, decode_trials, encode_trials  # noqa: E402
-from common.trial import Trial  # noqa: E402
+from mpn_dqn.common.codec import TrialSchema, decode_trials, encode_trials  # noqa: E402
+from mpn_dqn.common.trial import Trial  # noqa: E402
 
 OBS, STATE, ACTIONS = 5, 6 * 128, 3
 CASES = {"dt100": (14, 40), "dt10": (150, 400)}
@@ -210,8 +210,8 @@ def run_case(lo: int, hi: int, batch: int, n_trials: int, repeats: int, seed: in
 def sample_path(lo: int, hi: int, batch_sizes, repeats: int, seed: int) -> dict:
     """µs per *sampled* trial of the learner's side of replay: ``TrialBuffer.sample`` +
     ``encode_batch`` (replay server) + ``decode_batch`` (learner), on a buffer of 500 trials."""
-    from replay.buffer import TrialBuffer
-    from replay.wire import decode_batch, encode_batch
+    from mpn_dqn.replay.buffer import TrialBuffer
+    from mpn_dqn.replay.wire import decode_batch, encode_batch
     rng = np.random.default_rng(seed)
     buf = TrialBuffer(500, OBS, STATE, seed=seed)
     buf.add_many(make_trials(rng, 500, lo, hi))

@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
 
-from common.networks import NetSpec, QNetwork  # noqa: E402
-from learner.learner import Learner  # noqa: E402
-from learner.loss import TensorBatch  # noqa: E402
+from mpn_dqn.common.networks import NetSpec, QNetwork  # noqa: E402
+from mpn_dqn.learner.learner import Learner  # noqa: E402
+from mpn_dqn.learner.loss import TensorBatch  # noqa: E402
 
 
 def make_batch(B, T, O, A, S, device, seed=0):
@@ -69,7 +69,7 @@ def old_loop_update(online: QNetwork, target: QNetwork, opt, batch: TensorBatch,
 
 def check_gradients(spec, device, B=16, T=100) -> float:
     """Max |grad(device, float32) - grad(CPU, float64)| of the TD loss, same weights and batch."""
-    from learner.loss import td_loss
+    from mpn_dqn.learner.loss import td_loss
     torch.manual_seed(0)
     ref = QNetwork(spec).double()
     tgt = QNetwork(spec).double()

@@ -35,11 +35,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from bench_learner import make_batch, old_loop_update  # noqa: E402
-from common import mpn_triton  # noqa: E402
-from common.mpn import MPNCore  # noqa: E402
-from common.networks import NetSpec, QNetwork  # noqa: E402
-from learner.learner import Learner  # noqa: E402
-from learner.loss import TensorBatch, td_loss  # noqa: E402
+from mpn_dqn.common import mpn_triton  # noqa: E402
+from mpn_dqn.common.mpn import MPNCore  # noqa: E402
+from mpn_dqn.common.networks import NetSpec, QNetwork  # noqa: E402
+from mpn_dqn.learner.learner import Learner  # noqa: E402
+from mpn_dqn.learner.loss import TensorBatch, td_loss  # noqa: E402
 
 LOSS = dict(gamma=0.99, n_step=5, cut_non_greedy=True, plain_step_weight=0.1)
 

@@ -28,8 +28,8 @@ sys.path.insert(0, ROOT)
 def replay_ratio(lengths: tuple[int, int], capacity: int = 500, obs_dim: int = 5, hidden: int = 128) -> dict:
     import numpy as np
 
-    from common.trial import Trial
-    from replay.buffer import TrialBuffer
+    from mpn_dqn.common.trial import Trial
+    from mpn_dqn.replay.buffer import TrialBuffer
     rng = np.random.default_rng(0)
     S = (obs_dim + 1) * hidden
     buf = TrialBuffer(capacity, obs_dim, S)
@@ -45,9 +45,9 @@ def replay_ratio(lengths: tuple[int, int], capacity: int = 500, obs_dim: int = 5
 def learner_child(chunk: int, B: int, T: int) -> None:
     import torch
     torch.set_num_threads(1)
-    from common.networks import NetSpec
-    from learner.learner import Learner
-    from learner.loss import TensorBatch
+    from mpn_dqn.common.networks import NetSpec
+    from mpn_dqn.learner.learner import Learner
+    from mpn_dqn.learner.loss import TensorBatch
 
     class Saved:
         alive = peak = 0

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from replay import TrialBuffer  # noqa: E402
+from mpn_dqn.replay import TrialBuffer  # noqa: E402
 from tests.helpers import make_trial  # noqa: E402
 
 

@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from common.ceiling import learnable, measure  # noqa: E402
-from common.tasks import BATTERY, native_dt  # noqa: E402
+from mpn_dqn.common.ceiling import learnable, measure  # noqa: E402
+from mpn_dqn.common.tasks import BATTERY, native_dt  # noqa: E402
 
 
 

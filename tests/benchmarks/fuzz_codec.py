@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.codec import (TrialDecodeError, TrialSchema, decode_params, decode_trials,  # noqa: E402
+from mpn_dqn.common.codec import (TrialDecodeError, TrialSchema, decode_params, decode_trials,  # noqa: E402
                           encode_params, encode_trials)
 from tests.helpers import make_trial, msgpack_paths  # noqa: E402
 

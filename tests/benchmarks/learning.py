@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.tasks import ideal_accuracy, pct_of_ideal  # noqa: E402
+from mpn_dqn.common.tasks import ideal_accuracy, pct_of_ideal  # noqa: E402
 
 TASKS = ["PerceptualDecisionMaking-v0", "ContextDecisionMaking-v0", "DelayMatchSample-v0"]
 RESULTS = ROOT / "docs" / "defaults-evidence.jsonl"
