@@ -60,10 +60,11 @@ class TrialBatch:
     burnin_obs: np.ndarray      # float32 [B, N, O]
     burnin_mask: np.ndarray     # bool    [B, N]
     burnin_state: np.ndarray    # float32 [B, S]
-    correct: np.ndarray         # bool    [B]
-    weights_version: np.ndarray  # int64  [B]
-    slots: np.ndarray           # int64   [B]
-    gt: np.ndarray | None = None  # int64 [B, T]
+    # on the replay server only (not sent to the learner):
+    correct: np.ndarray | None = None          # bool  [B]
+    weights_version: np.ndarray | None = None  # int64 [B]
+    slots: np.ndarray | None = None            # int64 [B]
+    gt: np.ndarray | None = None               # int64 [B, T]
 
     @property
     def batch_size(self) -> int:

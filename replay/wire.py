@@ -1,7 +1,8 @@
 """msgpack encoding of sampled batches (replay server -> learner), validated on decode.
 
-Message: ``{"schema": "mpn-dqn/batch", "v": 1, "arrays": {name: {dtype, shape, data}}}`` with
-exactly the :class:`~replay.buffer.TrialBatch` array fields.  Decoding checks every dtype and
+Message: ``{"schema": "mpn-dqn/batch", "v": 2, "arrays": {name: {dtype, shape, data}}}`` with
+exactly the :class:`~replay.buffer.TrialBatch` arrays that the learner reads (the trials'
+outcome, weights version and slots stay on the replay server).  Decoding checks every dtype and
 that all shapes agree (B, T, N, O, S) before building arrays; any defect raises
 :class:`~common.codec.TrialDecodeError`.
 """
@@ -14,6 +15,7 @@ from mpn_dqn.common.codec import TrialDecodeError, _decode_array, _unpack
 from mpn_dqn.replay.buffer import TrialBatch
 
 BATCH_SCHEMA = "mpn-dqn/batch"
+BATCH_VERSION = 2
 _F4, _I8, _B1 = np.dtype("<f4"), np.dtype("<i8"), np.dtype("|b1")
 # name -> (wire dtype, native type, symbolic shape)
 _FIELDS = {
@@ -26,9 +28,6 @@ _FIELDS = {
     "burnin_obs": (_F4, np.float32, ("B", "N", "O")),
     "burnin_mask": (_B1, np.bool_, ("B", "N")),
     "burnin_state": (_F4, np.float32, ("B", "S")),
-    "correct": (_B1, np.bool_, ("B",)),
-    "weights_version": (_I8, np.int64, ("B",)),
-    "slots": (_I8, np.int64, ("B",)),
 }
 
 
@@ -37,13 +36,13 @@ def encode_batch(batch: TrialBatch) -> bytes:
     for name, (wire, _, _) in _FIELDS.items():
         a = np.ascontiguousarray(getattr(batch, name), dtype=wire)
         arrays[name] = {"dtype": wire.str, "shape": list(a.shape), "data": a.tobytes()}
-    return msgpack.packb({"schema": BATCH_SCHEMA, "v": 1, "arrays": arrays}, use_bin_type=True)
+    return msgpack.packb({"schema": BATCH_SCHEMA, "v": BATCH_VERSION, "arrays": arrays}, use_bin_type=True)
 
 
 def decode_batch(payload: bytes, obs_dim: int, state_size: int, max_bytes: int = 1 << 30) -> TrialBatch:
     obj = _unpack(payload, max_bytes, "batch", 1 << 20, TrialDecodeError)
-    if not isinstance(obj, dict) or obj.get("schema") != BATCH_SCHEMA or obj.get("v") != 1:
-        raise TrialDecodeError(f"batch: not a {BATCH_SCHEMA} v1 message")
+    if not isinstance(obj, dict) or obj.get("schema") != BATCH_SCHEMA or obj.get("v") != BATCH_VERSION:
+        raise TrialDecodeError(f"batch: not a {BATCH_SCHEMA} v{BATCH_VERSION} message")
     arrays = obj.get("arrays")
     if not isinstance(arrays, dict) or set(arrays) != set(_FIELDS):
         raise TrialDecodeError(f"batch.arrays: expected exactly the fields {sorted(_FIELDS)}")

@@ -270,3 +270,15 @@ def test_burnin_arrays_allocated_only_when_needed():
         _check_batch_against_trials(b, b.sample(64))
     again = TrialBuffer.from_state_dict(restored.state_dict())
     assert_trials_equal(again.get_trial(0), t)
+
+
+def test_the_batch_message_carries_exactly_what_the_learner_reads():
+    from mpn_dqn.replay.wire import decode_batch, encode_batch
+    buf = TrialBuffer(50, obs_dim=3, state_size=8, max_burnin=4)
+    _fill(buf, 20, burnin=4)
+    batch = buf.sample(6, rng=np.random.default_rng(0))
+    got = decode_batch(encode_batch(batch), 3, 8)
+    for name in ("obs", "actions", "rewards", "mask", "lengths", "init_state", "burnin_obs",
+                 "burnin_mask", "burnin_state"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(batch, name), err_msg=name)
+    assert got.correct is None and got.weights_version is None and got.slots is None
