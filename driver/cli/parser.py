@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "interrupted ones continue from their newest checkpoint. On a multi-node "
                         "cluster --sweeps-dir must be a path every node shares. Example: "
                         "python main.py sweep --battery --seeds 0 1 2 --cores mpn gru --results-dir "
-                        "docs -- --time-limit-minutes 10 --num-episodes 1000000")
+                        "docs")
     sw.add_argument("--env-name", nargs="+", default=[], metavar="TASK", help="NeuroGym tasks")
     sw.add_argument("--battery", action="store_true",
                     help="the 18 NeuroGym tasks of the Multi-Plasticity Network paper (common.tasks.BATTERY)")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the trials and the resources each asks for, and exit")
     sw.add_argument("train_options", nargs="*", metavar="-- TRAIN-OPTION",
                     help="train-neurogym options for every trial, after `--` (e.g. -- "
-                         "--time-limit-minutes 10 --num-episodes 1000000)")
+                         "--time-limit-minutes 5 --hidden-dim 64)")
 
     pl = sub.add_parser("plot", allow_abbrev=False, help="draw a run's training curves",
                         description="Write experiments/<name>/plots/training_curves.png from its "
