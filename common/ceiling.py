@@ -29,7 +29,7 @@ import numpy as np
 from mpn_dqn.common.tasks import TrialOutcome, ideal_accuracy, make_env
 
 POLICIES = ("random", "oracle", "fixate", "frequent")
-RULES_VERSION = 5          # bump when TrialOutcome or a policy changes: old cache rows are ignored
+RULES_VERSION = 6          # bump when TrialOutcome or a policy changes: old cache rows are ignored
 
 
 def run_policy(env_name: str, dt: int, policy: str, trials: int, seed: int = 0,

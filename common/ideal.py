@@ -20,6 +20,9 @@ the task no agent can learn: noise, ties, or a ground truth drawn at random from
 - PerceptualDecisionMakingDelayResponse: two noisy channels during the stimulus, the stronger
   one the answer, at a coherence drawn from five (0 %: the answer is a coin flip); the sum of
   their difference over the stimulus is sufficient, and the posterior sums over the coherences.
+- DelayMatchSampleDistractor1D: the sample and the tests are shown without noise (NeuroGym
+  keeps ``sigma`` but adds no noise), so the test whose pattern equals the sample's is the match
+  and a distractor (a uniform random angle) never equals it: 1.0.
 - MultiSensoryIntegration: two noisy modalities, each a cosine bump of unknown strength
   (coherence 5, 15 or 50 split at random between them); the posterior integrates over
   that split on a grid.
@@ -67,6 +70,17 @@ def _pdm_delay(env) -> float:
     return float(max(a, b) / (a + b))
 
 
+def _distractor_1d(env) -> float:
+    ob = np.asarray(env.ob)
+    start, end = env.start_ind, env.end_ind
+    sample = ob[start["sample"]:end["sample"], 1:]
+    tests = [ob[start[f"test{i}"]:end[f"test{i}"], 1:] for i in (1, 2, 3)]
+    if not np.allclose(sample, sample[0]) or any(not np.allclose(t, t[0]) for t in tests):
+        raise ValueError("DelayMatchSampleDistractor1D shows noise here; the observer assumes none")
+    same = [bool(np.array_equal(t[0], sample[0])) for t in tests]
+    return 1.0 if same.count(True) == 1 and same.index(True) + 1 == env.trial["ground_truth"] else 0.0
+
+
 _PROP_GRID = (np.arange(200) + 0.5) / 200          # coh_prop ~ U(0, 1)
 
 
@@ -99,6 +113,7 @@ OBSERVERS = {
     "MultiSensoryIntegration-v0": _multisensory,
     "HierarchicalReasoning-v0": _hierarchical,
     "PerceptualDecisionMakingDelayResponse-v0": _pdm_delay,
+    "DelayMatchSampleDistractor1D-v0": _distractor_1d,
 }
 
 

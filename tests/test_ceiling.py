@@ -110,3 +110,11 @@ def test_the_delayed_response_observer_predicts_its_own_accuracy():
                                   lambda st: 2 if (st[:, 2] - st[:, 1]).sum() > 0 else 1, 2000, 6)
     se = np.sqrt(hit.var() / len(hit))
     assert abs(post.mean() - hit.mean()) < 3 * se + 0.005, (post.mean(), hit.mean())
+
+
+def test_the_distractor_task_shows_no_noise_so_its_ideal_observer_is_perfect():
+    """DelayMatchSampleDistractor1D: the test equal to the sample is the match, every trial."""
+    from mpn_dqn.common.ideal import observe
+    assert observe("DelayMatchSampleDistractor1D-v0", 100, trials=300)["accuracy"] == 1.0
+    res = ceiling_for("DelayMatchSampleDistractor1D-v0", 100, trials=300)
+    assert res["ceiling_source"] == "ideal observer" and res["ceiling"] == 1.0

@@ -48,6 +48,13 @@ def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
     assert any(line.startswith("Ep ") for line in lines)
     # the session is still ours (the driver must not shut down a Ray it did not start)
     assert ray_session.is_initialized()
+    # one loop, two placements: the single-process runtime writes records with the same keys
+    from mpn_dqn.driver.runtime.local import train_local
+    local_cfg = _cfg(tmp_path, num_actors=0, num_episodes=16, eval_trials=0, experiment_name="local-run")
+    local_exp = Experiment(tmp_path, local_cfg.experiment_name)
+    local_exp.create(local_cfg)
+    train_local(local_cfg, local_exp, log=lambda *a: None)
+    assert {k for r in local_exp.read_metrics() for k in r} == {k for r in recs for k in r}
 
 
 def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
@@ -78,15 +85,33 @@ def test_epsilon_spread_follows_the_active_actors_after_scale():
     assert epsilon_spread(["a", None, "c", "d"], {3: {}}) == {0: (0, 2), 2: (1, 2)}
 
 
-def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+def test_more_actors_than_the_machine_holds_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys,
+                                                                                   monkeypatch):
     """The embedded Ray gets this machine's CPUs, not the request: --num-actors 64 is refused with
-    the numbers before Ray starts or a directory is written (also with a Ray already running)."""
+    the numbers before Ray starts or a directory is written."""
+    import ray
+    from mpn_dqn.driver.cli.parser import main
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)     # as in a fresh process
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "64",
+               "--experiments-dir", str(tmp_path / "exps"), "--experiment-name", "many"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert f"--num-actors 64 needs 65 CPUs (one per actor and one for the learner) but this machine " \
+           f"has {os.cpu_count()}" in err, err
+    assert not (tmp_path / "exps").exists()
+
+
+def test_more_actors_than_a_joined_cluster_holds_is_one_line_exit_2_and_writes_nothing(ray_session, tmp_path,
+                                                                                     capsys):
+    """On a cluster (here the test session's Ray, already joined) the count is checked against the
+    cluster's CPUs, still before anything is written."""
     from mpn_dqn.driver.cli.parser import main
     rc = main(["train-neurogym", "--env-name", "PerceptualDecisionMaking-v0", "--num-actors", "64",
                "--experiments-dir", str(tmp_path / "exps"), "--experiment-name", "many"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err, err
-    assert "64 actors + the learner need 65 CPUs" in err or "--num-actors 64 needs 65 CPUs" in err, err
+    assert "64 actors + the learner need 65 CPUs but the Ray cluster has" in err, err
     assert not (tmp_path / "exps").exists()
 
 
