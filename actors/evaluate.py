@@ -39,12 +39,12 @@ class Tally:
 
 def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials: int,
              trials_per_episode: int, seed: int = 0, num_envs: int = 16, epsilon: float = 0.0,
-             keep_trials: bool = False, progress=None) -> dict:
+             progress=None) -> dict:
     """Run the policy greedily (ε = ``epsilon``) over whole episodes, ≥ ``num_trials`` trials.
 
     Returns accuracy, reward per trial, fixation-break rate, the ideal-observer ceiling (None
     when unknown) and accuracy as a percentage of it.  Only the trials of episodes still in
-    progress are held; ``keep_trials`` also returns every trial (under ``"_trials"``).
+    progress are held.
     ``progress(episodes_done, episodes_needed, tally)`` is called whenever episodes finish.
     """
     if num_trials < 1:
@@ -57,7 +57,6 @@ def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials:
     # amount of carried-over M) is represented in proportion.
     need_episodes = -(-num_trials // trials_per_episode)
     open_trials: dict[int, list] = {}
-    kept: list = []
     tally = Tally()
     episodes = 0
     while episodes < need_episodes:
@@ -68,8 +67,6 @@ def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials:
             if episodes < need_episodes:
                 done = open_trials.get(ep.env_id, [])
                 tally.add(done)
-                if keep_trials:
-                    kept.extend(done)
                 episodes += 1
             open_trials[ep.env_id] = []
         if e and progress is not None:
@@ -87,6 +84,4 @@ def evaluate(spec: NetSpec, params: dict, *, env_name: str, dt: int, num_trials:
     ceil = ceiling_for(env_name, dt)
     out.update(ceiling=ceil["ceiling"], ceiling_source=ceil["ceiling_source"],
                pct_ceiling=pct_of_ceiling(acc, ceil), best_trivial=ceil["best_trivial"])
-    if keep_trials:
-        out["_trials"] = kept
     return out
