@@ -210,3 +210,18 @@ def test_results_command_rebuilds_the_table_from_results_json(tmp_path, capsys):
     assert "| GoNogo | 100 | mpn | defaults | 0 | 0.900 | 90.0 %, 90.0 % |" in md
     assert "| 2 (1/1) |" in md                                   # time to 95 % of the current ceiling 1.0
     assert main(["results", "--results-dir", str(tmp_path / "none")]) == 2
+
+
+def test_the_commit_is_dirty_only_when_code_changed(tmp_path):
+    """Result files written into the tree (docs/results.*) do not mark a row's code as dirty."""
+    from mpn_dqn.driver.observe.results import git_commit
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results.md").write_text("rows\n")
+    run("add", "."), run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git_commit(tmp_path)
+    (tmp_path / "results.md").write_text("more rows\n")
+    assert git_commit(tmp_path) == head and "+" not in head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"

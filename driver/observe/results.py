@@ -28,13 +28,15 @@ PCT_GOAL = 95.0
 
 
 def git_commit(root: str | os.PathLike | None = None) -> str:
-    """Short commit of the code that runs, ``+dirty`` when the tree has uncommitted changes."""
+    """Short commit of the code that runs, ``+dirty`` when its code (Python files, pyproject.toml)
+    has uncommitted changes; results files written into the tree do not count."""
     root = root or Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py",
+                                "pyproject.toml"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
