@@ -71,3 +71,29 @@ def assert_only_decode_errors(payload: bytes, schema) -> None:
     except TrialDecodeError:
         return
     assert isinstance(out, list)
+
+
+def copy_experiment(trained, tmp_path):
+    """A copy of a trained experiment directory under ``tmp_path / "exps"`` (tests change it)."""
+    import shutil
+    dst = tmp_path / "exps" / trained.name
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def sigkill_when(p, ready, timeout_s: float, log_path) -> None:
+    """SIGKILL the process ``p`` once ``ready()`` holds (within ``timeout_s``); it must still be
+    running then (else the assertion shows the end of ``log_path``)."""
+    import signal
+    import time
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and p.poll() is None and not ready():
+            time.sleep(0.2)
+        assert p.poll() is None, log_path.read_text()[-3000:]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)

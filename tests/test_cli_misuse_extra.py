@@ -2,7 +2,6 @@
 each exits 2 with one line on stderr naming the problem, and writes nothing.  Also: the
 single-process runtime snapshots its replay buffer and ``resume`` restores it."""
 import json
-import shutil
 import warnings
 import os
 import time
@@ -14,6 +13,7 @@ import torch
 from mpn_dqn.common.config import TrainConfig
 from mpn_dqn.driver.cli.parser import main
 from mpn_dqn.replay.snapshot import read_snapshot_file
+from tests.helpers import copy_experiment
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -90,19 +90,13 @@ def trained(tmp_path_factory) -> Path:
     return root / "tiny"
 
 
-def _copy(trained: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "exps" / trained.name
-    shutil.copytree(trained, dst)
-    return dst
-
-
 def _resume(exp: Path, episodes: int):
     return main(["resume", "--experiments-dir", str(exp.parent), "--experiment-name", exp.name,
                  "--num-episodes", str(episodes)])
 
 
 def test_local_run_snapshots_its_replay_and_resume_restores_it(trained, tmp_path, capsys):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     _, arrays = read_snapshot_file(exp / "checkpoints" / "replay_snapshot.npz")
     size, inserted = int(arrays["buf_size"]), int(arrays["limiter_inserts"])
     ck = torch.load(exp / "checkpoints" / "final_model.pt", weights_only=True)
@@ -119,7 +113,7 @@ def test_local_run_snapshots_its_replay_and_resume_restores_it(trained, tmp_path
                                     "garbage-snapshot"])
 def test_resume_with_a_damaged_file_exits_2_naming_it_and_writes_nothing(trained, tmp_path, capsys,
                                                                          damage):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     # as a killed run leaves it: periodic checkpoints, no final model
     (exp / "checkpoints" / "final_model.pt").unlink()
     ck_path = max((exp / "checkpoints").glob("checkpoint_*.pt"), key=lambda p: int(p.stem[11:]))
@@ -153,7 +147,7 @@ def test_resume_with_a_damaged_file_exits_2_naming_it_and_writes_nothing(trained
 def test_a_checkpoint_of_another_experiment_is_refused_in_one_line(trained, tmp_path, capsys):
     """eval, render, analyze and resume check the checkpoint against the experiment's config
     (task, sizes, core) before they use it or rewrite anything."""
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     cfg = json.loads((exp / "config.json").read_text())
     (exp / "config.json").write_text(json.dumps(dict(cfg, hidden_dim=cfg["hidden_dim"] * 2)))
     before = _files(tmp_path)
@@ -168,7 +162,7 @@ def test_a_checkpoint_of_another_experiment_is_refused_in_one_line(trained, tmp_
 
 @pytest.mark.parametrize("text", ["{}", "[]", "null"])
 def test_a_config_json_that_is_not_one_is_refused(trained, tmp_path, capsys, text):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     (exp / "config.json").write_text(text)
     before = _files(tmp_path)
     assert _resume(exp, 100000) == 2

@@ -7,11 +7,8 @@ a second ``train`` of a live experiment names the driver that holds it; the coll
 a network whose input size is not the task's observation size."""
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 
 from mpn_dqn.driver.cli.parser import main
 from mpn_dqn.driver.experiment import Experiment, load_checkpoint
+from tests.helpers import copy_experiment, sigkill_when
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -63,12 +61,6 @@ def trained(tmp_path_factory) -> Path:
     return root / "tiny"
 
 
-def _copy(trained: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "exps" / trained.name
-    shutil.copytree(trained, dst)
-    return dst
-
-
 # --- eval -----------------------------------------------------------------------------------
 
 def test_eval_memory_does_not_grow_with_the_episode_count():
@@ -99,7 +91,7 @@ def test_eval_memory_does_not_grow_with_the_episode_count():
 
 @pytest.mark.slow
 def test_eval_shows_progress_while_it_runs(trained, tmp_path):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     code = ("import sys, mpn_dqn.driver.cli.commands as c; c.EVAL_PROGRESS_S = 0.2; from mpn_dqn.driver.cli.parser import main; "
             f"sys.exit(main(['eval', '--experiments-dir', {str(exp.parent)!r}, '--experiment-name', "
             "'tiny', '--num-eval-episodes', '1500']))")
@@ -113,7 +105,7 @@ def test_eval_shows_progress_while_it_runs(trained, tmp_path):
 
 @pytest.mark.slow
 def test_eval_that_cannot_save_prints_the_table_and_one_line(trained, tmp_path):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     (exp / "eval.json").mkdir()                  # where eval.json goes: a directory, so the rename fails
     (exp / "eval.json" / "x").write_text("x")
     before = _files(tmp_path)
@@ -131,7 +123,7 @@ def test_eval_that_cannot_save_prints_the_table_and_one_line(trained, tmp_path):
 
 @pytest.mark.slow
 def test_resume_asking_for_more_actors_than_cpus_is_refused_and_writes_nothing(trained, tmp_path):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     cfg = json.loads((exp / "config.json").read_text())
     n = os.cpu_count() or 1                      # n actors + the learner: one CPU too many
     (exp / "config.json").write_text(json.dumps(dict(cfg, num_actors=n)))
@@ -147,7 +139,7 @@ def test_resume_asking_for_more_actors_than_cpus_is_refused_and_writes_nothing(t
 @pytest.mark.parametrize("field,value", [("lambda_max", 0.99), ("buffer_size", 1000)])
 def test_resume_refuses_a_config_whose_network_or_replay_differs_from_the_checkpoint(
         trained, tmp_path, capsys, field, value):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     cfg = json.loads((exp / "config.json").read_text())
     assert cfg[field] != value
     (exp / "config.json").write_text(json.dumps(dict(cfg, **{field: value})))
@@ -160,7 +152,7 @@ def test_resume_refuses_a_config_whose_network_or_replay_differs_from_the_checkp
 
 
 def test_resume_from_a_chosen_checkpoint(trained, tmp_path, capsys):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     older = Experiment(exp.parent, "tiny").checkpoints_newest_first()[-1]      # not the newest
     ck = load_checkpoint(older)
     assert ck["counters"]["episodes"] < load_checkpoint(exp / "checkpoints" / "final_model.pt")["counters"]["episodes"]
@@ -175,7 +167,7 @@ def test_resume_from_a_chosen_checkpoint(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_second_train_of_a_live_experiment_names_the_driver(trained, tmp_path):
-    exp = _copy(trained, tmp_path)
+    exp = copy_experiment(trained, tmp_path)
     with Experiment(exp.parent, "tiny").lock():          # this test process is the live driver
         before = _files(tmp_path)
         r = _run([*TINY, "--experiments-dir", str(exp.parent), "--experiment-name", "tiny"])
@@ -194,17 +186,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path):
     with open(tmp_path / "train.log", "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(),
                              start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline and p.poll() is None and not exp.read_metrics():
-                time.sleep(0.2)
-            assert p.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
-            p.send_signal(signal.SIGKILL)
-            p.wait(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+        sigkill_when(p, lambda: bool(exp.read_metrics()), 120, tmp_path / "train.log")
     assert not exp.checkpoints_newest_first()
     for argv in (["resume", "--experiments-dir", str(tmp_path), "--experiment-name", name],
                  [*TINY, "--experiments-dir", str(tmp_path), "--experiment-name", name]):

@@ -10,10 +10,8 @@
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import pytest
 from mpn_dqn.driver.cli.parser import main
 from mpn_dqn.driver.observe.results import markdown, merge_rows, time_to_pct
 from mpn_dqn.driver.runtime.sweep import SweepError, SweepSpec, trial_bundles
+from tests.helpers import sigkill_when
 
 ROOT = Path(__file__).resolve().parent.parent
 PDM = "PerceptualDecisionMaking-v0"
@@ -171,18 +170,10 @@ def test_sweep_driver_killed_then_the_same_command_continues(ray_session, tmp_pa
     log = open(tmp_path / "sweep1.log", "w")
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline and p.poll() is None:
-            if (first / "summary.json").exists() and list((second / "checkpoints").glob("checkpoint_*.pt")):
-                break
-            time.sleep(0.2)
-        assert p.poll() is None, (tmp_path / "sweep1.log").read_text()[-3000:]
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
+        sigkill_when(p, lambda: (first / "summary.json").exists()
+                     and bool(list((second / "checkpoints").glob("checkpoint_*.pt"))), 150,
+                     tmp_path / "sweep1.log")
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=30)
         log.close()
     assert not (second / "summary.json").exists()
     q = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240,
