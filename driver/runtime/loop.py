@@ -34,7 +34,6 @@ from mpn_dqn.driver.experiment import Experiment, WriteGuard, load_checkpoint
 from mpn_dqn.driver.observe.progress import (Cadence, Counters, ProgressBar, ReportWindow, episodes_left,
                              explain_overshoot, make_record, progress_line)
 from mpn_dqn.driver.runtime.recovery import load_resume_snapshot, snapshot_path, write_resume_json, counter_extra
-from mpn_dqn.learner.learner import Learner
 from mpn_dqn.replay.snapshot import write_atomic, write_snapshot_file
 
 STATUS_PERIOD_S = 0.5           # the learner's and replay's status are polled this often
@@ -103,9 +102,11 @@ def build_spec(cfg: TrainConfig) -> NetSpec:
     return NetSpec.from_config(cfg, obs_dim, num_actions)
 
 
-def checkpoint_payload(learner: Learner, spec: NetSpec, cfg: TrainConfig, counters: Counters) -> dict:
-    return {"format": 1, "learner": learner.state_dict(), "spec": spec.to_dict(),
-            "config": cfg.to_dict(), "counters": counters.to_dict()}
+def checkpoint_payload(learner_state: dict, spec: NetSpec, cfg: TrainConfig, counters: Counters) -> dict:
+    """What a checkpoint file holds: the learner's state, the network spec, the config and the
+    driver's counters."""
+    return {"format": 1, "learner": learner_state, "spec": spec.to_dict(), "config": cfg.to_dict(),
+            "counters": counters.to_dict()}
 
 
 class Stop:
@@ -146,16 +147,18 @@ class Stop:
         return False
 
 
-def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner: Learner, counters: Counters,
+def finish_run(exp: Experiment, cfg: TrainConfig, spec: NetSpec, learner_state: dict, counters: Counters,
                interrupted: str | None, log=print) -> dict:
     """Final checkpoint, greedy evaluation, summary and plots (shared by both runtimes)."""
-    exp.save_checkpoint(checkpoint_payload(learner, spec, cfg, counters), "final_model.pt")
+    exp.save_checkpoint(checkpoint_payload(learner_state, spec, cfg, counters), "final_model.pt")
     summary = {"env_name": cfg.env_name, "dt": cfg.dt, "episodes": counters.episodes,
                "env_steps": counters.env_steps, "trials": counters.trials, "updates": counters.updates,
                "wall_time_s": counters.wall_time, "interrupted": bool(interrupted),
                "signal": interrupted or None}
     if cfg.eval_trials > 0 and not interrupted:
-        summary.update(evaluate_and_select(exp, cfg, spec, export_params(learner.online), log=log))
+        online = QNetwork(spec)
+        online.load_state_dict(learner_state["online"])
+        summary.update(evaluate_and_select(exp, cfg, spec, export_params(online), log=log))
     exp.write_json("summary.json", summary)
     if cfg.plot_training:
         from mpn_dqn.driver.observe.plots import plot_training
@@ -300,8 +303,8 @@ class TrainingLoop:
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str) -> None:
         self.counters.wall_time = self.wall0 + time.time() - self.t_start
-        self.exp.save_checkpoint({"format": 1, "learner": self.learner_state(), "spec": self.spec_d,
-                                  "config": self.cfg_d, "counters": self.counters.to_dict()}, name)
+        self.exp.save_checkpoint(checkpoint_payload(self.learner_state(), self.spec, self.cfg, self.counters),
+                                 name)
         self.after_save(name)
 
     def after_save(self, name: str) -> None:
@@ -415,11 +418,10 @@ class TrainingLoop:
         self._poll()
         c.wall_time = self.wall0 + time.time() - self.t_start
         self._final_snapshot()
-        local = Learner.from_config(self.spec, TrainConfig.from_dict({**self.cfg_d, "device": "cpu"}))
-        local.load_state_dict(self.learner_state())
+        state = self.learner_state()
         self.kill_all()
         try:
-            summary = finish_run(self.exp, cfg, self.spec, local, c, interrupted, log=self.log)
+            summary = finish_run(self.exp, cfg, self.spec, state, c, interrupted, log=self.log)
         except BaseException:
             self.close_observation("failed")     # e.g. the final checkpoint could not be written
             raise
