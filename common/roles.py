@@ -56,8 +56,7 @@ WeightsFetch = Callable[[Any], bytes]      # a handle -> msgpack weight bytes (W
 
 
 class LocalReplay:
-    """A :class:`ReplayClient` on a replay server in the same process: direct calls, and
-    batches handed over as arrays (no encoding)."""
+    """A :class:`ReplayClient` on a replay server in the same process: direct calls."""
 
     def __init__(self, server):
         self.server = server
@@ -66,7 +65,7 @@ class LocalReplay:
         return self.server.insert(payload, source, seq)
 
     def sample(self, batch_size: int):
-        return self.server.sample_batch(batch_size)
+        return self.server.sample(batch_size)
 
     def episode_prefixes(self, n: int) -> list:
         return self.server.episode_prefixes(n)

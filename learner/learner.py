@@ -6,12 +6,19 @@ the GPU checks all drive this same object.
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 
 import numpy as np
 import torch
 
 from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
 from mpn_dqn.learner.loss import TensorBatch, td_loss
+
+
+# Batches that arrive through Ray's object store are read-only views of shared memory; the
+# learner reads its input tensors and never writes them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class DeviceError(RuntimeError):
@@ -78,6 +85,9 @@ class Learner:
                                           capturable=self.use_graphs)
         self.pad_multiple = int(pad_multiple) if self.use_graphs else 1
         self._graphs: dict[tuple, _GraphedStep] = {}
+        # held while a CUDA graph is captured: no other thread may touch CUDA then (the
+        # learner worker's prefetch thread takes it to stage a batch on the device)
+        self.capture_lock = threading.Lock()
         self.updates = 0
         self.version = 0               # bumped each time weights are published
 
@@ -91,13 +101,18 @@ class Learner:
                    n_step_cut=cfg.n_step_cut, plain_step_weight=cfg.effective_plain_step_weight)
 
     # -- batches ---------------------------------------------------------------------------
-    def to_tensors(self, batch) -> TensorBatch:
+    def to_tensors(self, batch, pin: bool = False) -> TensorBatch:
         """``replay.TrialBatch`` (numpy) -> :class:`TensorBatch` on the device, applying
-        ``replay_init``."""
+        ``replay_init``.  On the CPU the tensors share the arrays' memory.  ``pin`` (CUDA only):
+        copy through page-locked memory so the host->device copies run asynchronously on the
+        current stream."""
         dev = self.device
+        pin = pin and dev.type == "cuda"
 
         def t(a, dtype=None):
             x = torch.from_numpy(np.ascontiguousarray(a))
+            if pin:
+                x = x.pin_memory()
             return x.to(dev, dtype=dtype, non_blocking=True)
 
         init = t(batch.init_state, torch.float32)
@@ -253,7 +268,7 @@ class _GraphedStep:
         if self.graph is None:
             self.learner.optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with self.learner.capture_lock, torch.cuda.graph(self.graph):
                 self.stats = self.learner._step(self.static)
         self._copy_in(tb)
         self.graph.replay()

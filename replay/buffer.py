@@ -47,7 +47,7 @@ class TrialBatch:
     steps are left-aligned (step t of trial b at ``[b, t]``, ``mask[b, t] = t < lengths[b]``),
     padding is zero.  ``N`` = the longest burn-in in the batch (0 if none); burn-in steps are
     right-aligned so that the burn-in ends exactly where the trial starts.  ``burnin_state``
-    is zero where a trial has no burn-in.  ``gt`` (int64 [B, T], 0 on padding) is the per-step
+    is zero where a trial has no burn-in, and ``[B, 0]`` when no trial in the batch has one.  ``gt`` (int64 [B, T], 0 on padding) is the per-step
     ground-truth action, an addition to the original interface.
     """
 
@@ -59,11 +59,11 @@ class TrialBatch:
     init_state: np.ndarray      # float32 [B, S]
     burnin_obs: np.ndarray      # float32 [B, N, O]
     burnin_mask: np.ndarray     # bool    [B, N]
-    burnin_state: np.ndarray    # float32 [B, S]
-    # on the replay server only (not sent to the learner):
+    burnin_state: np.ndarray    # float32 [B, S], or [B, 0] when N == 0
+    slots: np.ndarray | None = None            # int64 [B]
+    # with sample(meta=True) only (the learner does not read them):
     correct: np.ndarray | None = None          # bool  [B]
     weights_version: np.ndarray | None = None  # int64 [B]
-    slots: np.ndarray | None = None            # int64 [B]
     gt: np.ndarray | None = None               # int64 [B, T]
 
     @property
@@ -126,11 +126,12 @@ class TrialBuffer:
 
     # ------------------------------------------------------------------ bookkeeping
     def _alloc_steps(self, cap: int) -> None:
+        # one extra row at index ``cap`` that stays zero: padded batch positions read it
         self._step_cap = cap
-        self._obs = np.zeros((cap, self.obs_dim), np.float32)
-        self._actions = np.zeros(cap, np.int64)
-        self._rewards = np.zeros(cap, np.float32)
-        self._gt = np.zeros(cap, np.int64)
+        self._obs = np.zeros((cap + 1, self.obs_dim), np.float32)
+        self._actions = np.zeros(cap + 1, np.int64)
+        self._rewards = np.zeros(cap + 1, np.float32)
+        self._gt = np.zeros(cap + 1, np.int64)
 
     def _alloc_burnin(self) -> None:
         C, M = self.capacity, self.max_burnin
@@ -162,7 +163,7 @@ class TrialBuffer:
         if t + u <= cap:
             return [a[t:t + u].copy() for a in self._step_arrays()]
         k = cap - t
-        return [np.concatenate([a[t:], a[:u - k]]) for a in self._step_arrays()]
+        return [np.concatenate([a[t:cap], a[:u - k]]) for a in self._step_arrays()]
 
     def _grow(self, need: int) -> None:
         new_cap = max(need, int(self._step_cap * _GROWTH) + 1)
@@ -194,7 +195,7 @@ class TrialBuffer:
         else:
             k = self._step_cap - start
             for dst, src in zip(self._step_arrays(), arrays):
-                dst[start:] = src[:k]
+                dst[start:self._step_cap] = src[:k]
                 dst[: length - k] = src[k:]
 
     # ------------------------------------------------------------------ adding
@@ -358,8 +359,13 @@ class TrialBuffer:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, *, pad_multiple: int = 1,
-               rng: np.random.Generator | None = None) -> TrialBatch:
-        """``batch_size`` trials drawn uniformly (with replacement) from the stored ones."""
+               rng: np.random.Generator | None = None, meta: bool = True) -> TrialBatch:
+        """``batch_size`` trials drawn uniformly (with replacement) from the stored ones.
+
+        ``meta=False`` leaves out what only the replay side reads (``correct``,
+        ``weights_version``, ``gt``; ``slots`` are always there): the learner's batches.
+        Every array is gathered with one ``np.take``; padded positions read a zero row kept
+        past the end of the step ring, so nothing is zeroed afterwards."""
         if self._size == 0:
             raise ValueError("cannot sample from an empty TrialBuffer: add trials first "
                              "(wait until len(buffer) >= learning_starts)")
@@ -368,42 +374,37 @@ class TrialBuffer:
         rng = self._rng if rng is None else rng
         slots = rng.integers(0, self._size, size=B, dtype=np.int64)
 
+        cap = self._step_cap
         lengths = self._length[slots]
         T = -(-int(lengths.max()) // pad) * pad
         steps = np.arange(T)
         mask = steps < lengths[:, None]
-        # padded positions read the trial's last step (always valid), then get zeroed
-        idx = self._offset[slots, None] + np.minimum(steps, lengths[:, None] - 1)
-        idx[idx >= self._step_cap] -= self._step_cap
-        obs = self._obs[idx]
-        actions = self._actions[idx]
-        rewards = self._rewards[idx]
-        gt = self._gt[idx]
-        padding = ~mask
-        if padding.any():
-            obs[padding] = 0
-            actions[padding] = 0
-            rewards[padding] = 0
-            gt[padding] = 0
+        idx = self._offset[slots, None] + steps
+        idx[idx >= cap] -= cap
+        idx[~mask] = cap                                    # the zero row
+        obs = np.take(self._obs, idx, axis=0)
+        actions = np.take(self._actions, idx)
+        rewards = np.take(self._rewards, idx)
 
-        M = self.max_burnin
-        if self._has_burnin_arrays:
-            blen = self._burnin_len[slots]
-            N = int(blen.max())
-            burnin_obs = self._burnin_obs[slots, M - N:]
+        M, S = self.max_burnin, self.state_size
+        blen = self._burnin_len[slots] if self._has_burnin_arrays else np.zeros(B, np.int64)
+        N = int(blen.max()) if B else 0
+        if N:
+            burnin_obs = np.take(self._burnin_obs[:, M - N:], slots, axis=0)
             burnin_mask = np.arange(N) >= (N - blen)[:, None]
-            burnin_state = self._burnin_state[slots]
+            burnin_state = np.take(self._burnin_state, slots, axis=0)
         else:
             burnin_obs = np.zeros((B, 0, self.obs_dim), np.float32)
             burnin_mask = np.zeros((B, 0), np.bool_)
-            burnin_state = np.zeros((B, self.state_size), np.float32)
-
-        return TrialBatch(obs=obs, actions=actions, rewards=rewards, mask=mask,
-                          lengths=lengths, init_state=self._init_state[slots],
-                          burnin_obs=burnin_obs, burnin_mask=burnin_mask,
-                          burnin_state=burnin_state, correct=self._correct[slots],
-                          weights_version=self._meta["weights_version"][slots], slots=slots,
-                          gt=gt)
+            burnin_state = np.zeros((B, 0), np.float32)
+        batch = TrialBatch(obs=obs, actions=actions, rewards=rewards, mask=mask, lengths=lengths,
+                           init_state=np.take(self._init_state, slots, axis=0), burnin_obs=burnin_obs,
+                           burnin_mask=burnin_mask, burnin_state=burnin_state, slots=slots)
+        if meta:
+            batch.correct = self._correct[slots]
+            batch.weights_version = self._meta["weights_version"][slots]
+            batch.gt = np.take(self._gt, idx)
+        return batch
 
     # ------------------------------------------------------------------ snapshots
     def state_dict(self) -> dict[str, np.ndarray | int]:

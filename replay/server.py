@@ -13,7 +13,6 @@ import numpy as np
 from mpn_dqn.common.codec import TrialDecodeError, TrialSchema, decode_trials
 from mpn_dqn.replay.buffer import TrialBuffer
 from mpn_dqn.replay.snapshot import SnapshotError, pack_snapshot, rng_from_array, rng_to_array, unpack_snapshot
-from mpn_dqn.replay.wire import encode_batch
 
 
 class RateLimiterError(ValueError):
@@ -65,8 +64,9 @@ class RateLimiter:
 
 class ReplayServer:
     """Owns the trial buffer.  ``insert(payload)`` decodes and stores a msgpack trial batch;
-    ``sample_batch(n)`` returns a padded :class:`replay.buffer.TrialBatch` and ``sample(n)`` the
-    same msgpack-encoded (for another process), or None when the rate limiter says wait.
+    ``sample(n)`` returns a padded :class:`replay.buffer.TrialBatch` with the arrays the learner
+    reads (handed over as they are: see :mod:`replay.wire`), or None when the rate limiter says
+    wait.
     """
 
     def __init__(self, capacity: int, schema: dict, *, samples_per_insert: float, min_size: int,
@@ -145,18 +145,19 @@ class ReplayServer:
             self.last_reject = reason[:300]
         return {"status": "rejected", "accepted": 0, "reason": reason[:300], "epoch": self.epoch}
 
-    def sample_batch(self, batch_size: int, pad_multiple: int = 1):
+    def sample(self, batch_size: int, pad_multiple: int = 1):
         with self.lock:
             if not self.limiter.can_sample(batch_size):
                 self.sample_blocked += 1
                 return None
-            batch = self.buffer.sample(batch_size, pad_multiple=pad_multiple, rng=self.rng)
+            batch = self.buffer.sample(batch_size, pad_multiple=pad_multiple, rng=self.rng,
+                                       meta=False)
             self.limiter.samples += batch_size
         return batch
 
-    def sample(self, batch_size: int, pad_multiple: int = 1) -> bytes | None:
-        batch = self.sample_batch(batch_size, pad_multiple)
-        return None if batch is None else encode_batch(batch)
+    def cpu_seconds(self) -> float:
+        """CPU time this process has used (user + system): a replay's cost per delivered trial."""
+        return time.process_time()
 
     def episode_prefixes(self, n: int) -> list:
         """Up to ``n`` stored trials with the stored trials of their episode before them (the

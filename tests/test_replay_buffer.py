@@ -181,7 +181,7 @@ def test_sample_without_burnin_storage():
     _fill(buf, 10, burnin=3)              # burn-in is ignored by a max_burnin=0 buffer
     batch = buf.sample(4)
     assert batch.burnin_obs.shape == (4, 0, OBS) and batch.burnin_mask.shape == (4, 0)
-    assert batch.burnin_state.shape == (4, STATE) and not batch.burnin_state.any()
+    assert batch.burnin_state.shape == (4, 0)
     assert buf.get_trial(0).burnin_obs.shape == (0, OBS)
     assert buf.payload_nbytes() == sum(buf.get_trial(s).payload_nbytes() for s in range(10))
 
@@ -272,13 +272,29 @@ def test_burnin_arrays_allocated_only_when_needed():
     assert_trials_equal(again.get_trial(0), t)
 
 
-def test_the_batch_message_carries_exactly_what_the_learner_reads():
-    from mpn_dqn.replay.wire import decode_batch, encode_batch
+def test_the_learner_batch_leaves_out_what_only_the_replay_reads_and_passes_the_check():
+    from mpn_dqn.common.codec import TrialDecodeError
+    from mpn_dqn.replay.wire import check_batch
     buf = TrialBuffer(50, obs_dim=3, state_size=8, max_burnin=4)
     _fill(buf, 20, burnin=4)
-    batch = buf.sample(6, rng=np.random.default_rng(0))
-    got = decode_batch(encode_batch(batch), 3, 8)
+    full = buf.sample(6, rng=np.random.default_rng(0))
+    lean = buf.sample(6, rng=np.random.default_rng(0), meta=False)
     for name in ("obs", "actions", "rewards", "mask", "lengths", "init_state", "burnin_obs",
-                 "burnin_mask", "burnin_state"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(batch, name), err_msg=name)
-    assert got.correct is None and got.weights_version is None and got.slots is None
+                 "burnin_mask", "burnin_state", "slots"):
+        np.testing.assert_array_equal(getattr(lean, name), getattr(full, name), err_msg=name)
+    assert lean.correct is None and lean.weights_version is None and lean.gt is None
+    assert check_batch(lean, 3, 8) is lean
+    with pytest.raises(TrialDecodeError, match=r"batch\.init_state.*dimension S is 8 here but 9"):
+        check_batch(lean, 3, 9)
+    lean.actions = lean.actions.astype(np.int32)
+    with pytest.raises(TrialDecodeError, match=r"batch\.actions: expected int64"):
+        check_batch(lean, 3, 8)
+    with pytest.raises(TrialDecodeError, match="expected a TrialBatch"):
+        check_batch({"obs": lean.obs}, 3, 8)
+
+
+def test_a_batch_without_burn_in_carries_no_burn_in_state():
+    buf = TrialBuffer(50, obs_dim=3, state_size=8)
+    _fill(buf, 20)
+    b = buf.sample(6, meta=False)
+    assert b.burnin_obs.shape == (6, 0, 3) and b.burnin_state.shape == (6, 0)

@@ -3,7 +3,7 @@ roles are handed (:mod:`common.roles`).  The only place where a role meets Ray.
 
 * :class:`RayReplayClient`: a replay-server actor handle as a :class:`common.roles.ReplayClient`
   (``ray.get`` with a timeout; a dead or hung server raises ``ReplayUnavailable``; sampled
-  batches arrive msgpack-encoded and are decoded in the caller's process).
+  batches arrive as arrays through the object store and are checked, not copied).
 * :func:`ray_store` / :func:`ray_fetch`: weights published with one ``ray.put`` per version,
   the ref wrapped in a list so that Ray passes it along unresolved.
 * :class:`RayActorWorker`, :class:`RayLearnerWorker`: the roles constructed with those, taking
@@ -16,7 +16,7 @@ from mpn_dqn.common.networks import NetSpec
 from mpn_dqn.common.roles import ReplayUnavailable, WeightsUnavailable
 from mpn_dqn.learner.worker import LearnerWorker
 from mpn_dqn.replay.server import ReplayServer
-from mpn_dqn.replay.wire import decode_batch
+from mpn_dqn.replay.wire import check_batch
 
 INSERT_TIMEOUT_S = 30.0
 SAMPLE_TIMEOUT_S = 30.0
@@ -39,8 +39,8 @@ class RayReplayClient:
         return self._get(self.handle.insert.remote(payload, source, seq), INSERT_TIMEOUT_S)
 
     def sample(self, batch_size: int):
-        payload = self._get(self.handle.sample.remote(batch_size), SAMPLE_TIMEOUT_S)
-        return None if payload is None else decode_batch(payload, self.obs_dim, self.state_size)
+        batch = self._get(self.handle.sample.remote(batch_size), SAMPLE_TIMEOUT_S)
+        return None if batch is None else check_batch(batch, self.obs_dim, self.state_size)
 
     def episode_prefixes(self, n: int) -> list:
         return self._get(self.handle.episode_prefixes.remote(n), SAMPLE_TIMEOUT_S)
