@@ -6,7 +6,6 @@ the GPU checks all drive this same object.
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 
 import numpy as np
@@ -85,9 +84,6 @@ class Learner:
                                           capturable=self.use_graphs)
         self.pad_multiple = int(pad_multiple) if self.use_graphs else 1
         self._graphs: dict[tuple, _GraphedStep] = {}
-        # held while a CUDA graph is captured: no other thread may touch CUDA then (the
-        # learner worker's prefetch thread takes it to stage a batch on the device)
-        self.capture_lock = threading.Lock()
         self.updates = 0
         self.version = 0               # bumped each time weights are published
 
@@ -101,19 +97,13 @@ class Learner:
                    n_step_cut=cfg.n_step_cut, plain_step_weight=cfg.effective_plain_step_weight)
 
     # -- batches ---------------------------------------------------------------------------
-    def to_tensors(self, batch, pin: bool = False) -> TensorBatch:
+    def to_tensors(self, batch) -> TensorBatch:
         """``replay.TrialBatch`` (numpy) -> :class:`TensorBatch` on the device, applying
-        ``replay_init``.  On the CPU the tensors share the arrays' memory.  ``pin`` (CUDA only):
-        copy through page-locked memory so the host->device copies run asynchronously on the
-        current stream."""
+        ``replay_init``.  On the CPU the tensors share the arrays' memory."""
         dev = self.device
-        pin = pin and dev.type == "cuda"
 
         def t(a, dtype=None):
-            x = torch.from_numpy(np.ascontiguousarray(a))
-            if pin:
-                x = x.pin_memory()
-            return x.to(dev, dtype=dtype, non_blocking=True)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype=dtype)
 
         init = t(batch.init_state, torch.float32)
         if self.replay_init == "zero":
@@ -268,7 +258,7 @@ class _GraphedStep:
         if self.graph is None:
             self.learner.optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with self.learner.capture_lock, torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph):
                 self.stats = self.learner._step(self.static)
         self._copy_in(tb)
         self.graph.replay()

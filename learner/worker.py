@@ -57,10 +57,6 @@ class LearnerWorker:
         self.staleness: list[dict] = []         # --staleness-every: R2D2's replay-state staleness
         self.error: str | None = None
         self.threads: list[threading.Thread] = []
-        # on a GPU the prefetch thread copies each batch to the device on a stream of its own,
-        # from pinned memory, while the training thread runs the previous update
-        self.copy_stream = torch.cuda.Stream() if self.learner.device.type == "cuda" else None
-        self.pin_staging = True
         self._publish()
 
     # -- weights -----------------------------------------------------------------------------
@@ -109,27 +105,14 @@ class LearnerWorker:
                 if batch is None:                             # rate limiter: wait for actors
                     time.sleep(0.002)
                     continue
-                item = self._stage(batch)
                 while not self.stop_flag.is_set():
                     try:
-                        self.queue.put(item, timeout=0.1)
+                        self.queue.put(batch, timeout=0.1)
                         break
                     except queue.Full:
                         continue
         except Exception as exc:  # noqa: BLE001 - reported through status()
             self.error = f"prefetch: {type(exc).__name__}: {exc}"
-
-    def _stage(self, batch) -> tuple:
-        """(what ``Learner.update`` takes, trial steps in it, CUDA event or None).  On a GPU the
-        batch is copied to the device here, on the copy stream; the event marks the copy's end."""
-        steps = int(batch.lengths.sum())
-        if self.copy_stream is None:
-            return batch, steps, None
-        with self.learner.capture_lock, torch.cuda.stream(self.copy_stream):
-            tb = self.learner.to_tensors(batch, pin=self.pin_staging)
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        return tb, steps, done
 
     def _train_loop(self) -> None:
         try:
@@ -141,18 +124,15 @@ class LearnerWorker:
                     self.idle_s += time.time() - t0
                     continue
                 self.idle_s += time.time() - t0
-                self._train_on(*item)
+                self._train_on(item)
         except Exception as exc:  # noqa: BLE001
             self.error = f"train: {type(exc).__name__}: {exc}"
 
-    def _train_on(self, batch, steps: int, copied=None) -> None:
+    def _train_on(self, batch) -> None:
+        """One update; on a GPU the batch's host->device copy happens here, synchronously
+        (measured faster than staging it from the prefetch thread on a copy stream)."""
         t1 = time.time()
-        if copied is not None:                    # tensors made on the copy stream
-            stream = torch.cuda.current_stream()
-            stream.wait_event(copied)
-            for x in vars(batch).values():
-                if isinstance(x, torch.Tensor):
-                    x.record_stream(stream)
+        steps = int(batch.lengths.sum())
         with self.update_lock:
             stats = self.learner.update(batch)
         self.busy_s += time.time() - t1
@@ -181,7 +161,7 @@ class LearnerWorker:
             batch = self.replay.sample(B)
             if batch is None:
                 break
-            self._train_on(batch, int(batch.lengths.sum()))
+            self._train_on(batch)
             n += 1
         return n
 
