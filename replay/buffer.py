@@ -363,9 +363,41 @@ class TrialBuffer:
         """``batch_size`` trials drawn uniformly (with replacement) from the stored ones.
 
         ``meta=False`` leaves out what only the replay side reads (``correct``,
-        ``weights_version``, ``gt``; ``slots`` are always there): the learner's batches.
-        Every array is gathered with one ``np.take``; padded positions read a zero row kept
-        past the end of the step ring, so nothing is zeroed afterwards."""
+        ``weights_version``, ``gt``; ``slots`` are always there): the learner's batches."""
+        d = self._draw(batch_size, pad_multiple, rng)
+        B, T, N, O, S = d["B"], d["T"], d["N"], self.obs_dim, self.state_size
+        out = {"obs": np.empty((B, T, O), np.float32), "actions": np.empty((B, T), np.int64),
+               "rewards": np.empty((B, T), np.float32), "mask": np.empty((B, T), np.bool_),
+               "lengths": np.empty(B, np.int64), "init_state": np.empty((B, S), np.float32),
+               "burnin_obs": np.empty((B, N, O), np.float32), "burnin_mask": np.empty((B, N), np.bool_),
+               "burnin_state": np.empty((B, S if N else 0), np.float32)}
+        self._gather(d, out)
+        batch = TrialBatch(**out, slots=d["slots"])
+        if meta:
+            batch.correct = self._correct[d["slots"]]
+            batch.weights_version = self._meta["weights_version"][d["slots"]]
+            batch.gt = np.take(self._gt, d["idx"])
+        return batch
+
+    def sample_into(self, batch_size: int, buf, offset: int, nbytes: int, *, pad_multiple: int = 1,
+                    rng: np.random.Generator | None = None) -> dict:
+        """Like :meth:`sample` (learner arrays only), written into ``buf[offset:offset+nbytes]``
+        at the places :func:`replay.wire.batch_layout` gives.  Returns ``{"B", "T", "N"}``, or
+        ``{"need": bytes}`` (nothing drawn) when the batch would not fit."""
+        from mpn_dqn.replay.wire import batch_layout, batch_views
+        rng = self._rng if rng is None else rng
+        saved = rng.bit_generator.state
+        d = self._draw(batch_size, pad_multiple, rng)
+        B, T, N, O, S = d["B"], d["T"], d["N"], self.obs_dim, self.state_size
+        need = batch_layout(B, T, N, O, S)[1]
+        if need > nbytes:
+            rng.bit_generator.state = saved                # as if nothing was drawn
+            return {"need": need}
+        self._gather(d, batch_views(buf, offset, B, T, N, O, S))
+        return {"B": B, "T": T, "N": N}
+
+    def _draw(self, batch_size: int, pad_multiple: int, rng) -> dict:
+        """The trials of the next batch and where their steps lie."""
         if self._size == 0:
             raise ValueError("cannot sample from an empty TrialBuffer: add trials first "
                              "(wait until len(buffer) >= learning_starts)")
@@ -373,38 +405,34 @@ class TrialBuffer:
         pad = _check_int("pad_multiple", pad_multiple, 1, "pass 1 for no extra padding")
         rng = self._rng if rng is None else rng
         slots = rng.integers(0, self._size, size=B, dtype=np.int64)
-
-        cap = self._step_cap
         lengths = self._length[slots]
         T = -(-int(lengths.max()) // pad) * pad
         steps = np.arange(T)
         mask = steps < lengths[:, None]
         idx = self._offset[slots, None] + steps
-        idx[idx >= cap] -= cap
-        idx[~mask] = cap                                    # the zero row
-        obs = np.take(self._obs, idx, axis=0)
-        actions = np.take(self._actions, idx)
-        rewards = np.take(self._rewards, idx)
-
-        M, S = self.max_burnin, self.state_size
+        idx[idx >= self._step_cap] -= self._step_cap
+        idx[~mask] = self._step_cap                         # the zero row
         blen = self._burnin_len[slots] if self._has_burnin_arrays else np.zeros(B, np.int64)
-        N = int(blen.max()) if B else 0
+        N = int(blen.max())
+        return {"B": B, "T": T, "N": N, "slots": slots, "lengths": lengths, "mask": mask, "idx": idx,
+                "blen": blen}
+
+    def _gather(self, d: dict, out: dict) -> None:
+        """Every learner array of the draw ``d`` into ``out`` (arrays of the right shapes):
+        one ``np.take`` each (mode "clip": the indices are valid, and numpy buffers the output
+        otherwise); padded positions read a zero row kept past the end of the step ring, so
+        nothing is zeroed afterwards."""
+        idx, slots, N, M = d["idx"], d["slots"], d["N"], self.max_burnin
+        np.take(self._obs, idx, axis=0, out=out["obs"], mode="clip")
+        np.take(self._actions, idx, out=out["actions"], mode="clip")
+        np.take(self._rewards, idx, out=out["rewards"], mode="clip")
+        out["mask"][...] = d["mask"]
+        out["lengths"][...] = d["lengths"]
+        np.take(self._init_state, slots, axis=0, out=out["init_state"], mode="clip")
         if N:
-            burnin_obs = np.take(self._burnin_obs[:, M - N:], slots, axis=0)
-            burnin_mask = np.arange(N) >= (N - blen)[:, None]
-            burnin_state = np.take(self._burnin_state, slots, axis=0)
-        else:
-            burnin_obs = np.zeros((B, 0, self.obs_dim), np.float32)
-            burnin_mask = np.zeros((B, 0), np.bool_)
-            burnin_state = np.zeros((B, 0), np.float32)
-        batch = TrialBatch(obs=obs, actions=actions, rewards=rewards, mask=mask, lengths=lengths,
-                           init_state=np.take(self._init_state, slots, axis=0), burnin_obs=burnin_obs,
-                           burnin_mask=burnin_mask, burnin_state=burnin_state, slots=slots)
-        if meta:
-            batch.correct = self._correct[slots]
-            batch.weights_version = self._meta["weights_version"][slots]
-            batch.gt = np.take(self._gt, idx)
-        return batch
+            np.take(self._burnin_obs[:, M - N:], slots, axis=0, out=out["burnin_obs"], mode="clip")
+            np.greater_equal(np.arange(N), (N - d["blen"])[:, None], out=out["burnin_mask"])
+            np.take(self._burnin_state, slots, axis=0, out=out["burnin_state"], mode="clip")
 
     # ------------------------------------------------------------------ snapshots
     def state_dict(self) -> dict[str, np.ndarray | int]:

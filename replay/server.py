@@ -12,6 +12,7 @@ import numpy as np
 
 from mpn_dqn.common.codec import TrialDecodeError, TrialSchema, decode_trials
 from mpn_dqn.replay.buffer import TrialBuffer
+from mpn_dqn.replay.wire import AttachedSegments
 from mpn_dqn.replay.snapshot import SnapshotError, pack_snapshot, rng_from_array, rng_to_array, unpack_snapshot
 
 
@@ -84,6 +85,7 @@ class ReplayServer:
         self.limiter = RateLimiter(samples_per_insert, min_size, error_buffer, capacity=capacity,
                                    batch_size=batch_size)
         self.lock = threading.Lock()
+        self.segments = AttachedSegments()      # learners' shared-memory batch slots
         self.rng = np.random.default_rng([seed, 99])
         self.diag_rng = np.random.default_rng([seed, 0x57A1E])    # diagnostics: not the sampling draws
         self.rejected = 0
@@ -155,9 +157,26 @@ class ReplayServer:
             self.limiter.samples += batch_size
         return batch
 
-    def cpu_seconds(self) -> float:
-        """CPU time this process has used (user + system): a replay's cost per delivered trial."""
-        return time.process_time()
+    def sample_into(self, batch_size: int, segment: str, offset: int, nbytes: int,
+                    pad_multiple: int = 1) -> dict | None:
+        """:meth:`sample` written into a caller's shared-memory segment (same node) at
+        ``offset`` (see :class:`replay.wire.SharedSlots`): returns ``{"B", "T", "N"}``;
+        ``{"need": n}`` when the slot is smaller than the batch (nothing drawn);
+        ``{"no_segment": True}`` when this process cannot open the segment (another node);
+        None when the rate limiter says wait."""
+        try:
+            buf = self.segments.get(segment)
+        except (FileNotFoundError, ValueError, OSError):
+            return {"no_segment": True}
+        with self.lock:
+            if not self.limiter.can_sample(batch_size):
+                self.sample_blocked += 1
+                return None
+            head = self.buffer.sample_into(batch_size, buf, offset, nbytes, pad_multiple=pad_multiple,
+                                           rng=self.rng)
+            if "need" not in head:
+                self.limiter.samples += batch_size
+        return head
 
     def episode_prefixes(self, n: int) -> list:
         """Up to ``n`` stored trials with the stored trials of their episode before them (the

@@ -52,3 +52,84 @@ def check_batch(batch, obs_dim: int, state_size: int) -> TrialBatch:
     if batch.burnin_obs.shape[1] and batch.burnin_state.shape[1] != state_size:
         raise TrialDecodeError("batch.burnin_state: missing although the batch has burn-in steps")
     return batch
+
+
+# -- batches through shared memory (replay server and learner on one node) --------------------
+_ALIGN = 64
+
+
+def batch_layout(B: int, T: int, N: int, O: int, S: int) -> tuple[list, int]:
+    """Where each array of a (B, T, N) batch lies in a shared-memory slot: a list of
+    (name, dtype, shape, byte offset), and the bytes the slot needs.  ``burnin_state`` is
+    [B, S] when N > 0, else [B, 0]."""
+    out, off = [], 0
+    for name, (dtype, sym) in FIELDS.items():
+        dims = {"B": B, "T": T, "N": N, "O": O, "S": S, "S?": S if N else 0}
+        shape = tuple(dims[s] for s in sym)
+        out.append((name, np.dtype(dtype), shape, off))
+        off += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN
+    return out, off
+
+
+def batch_views(buf, offset: int, B: int, T: int, N: int, O: int, S: int) -> dict:
+    """numpy views of a batch's arrays in ``buf`` (a buffer) from ``offset`` on."""
+    layout, _ = batch_layout(B, T, N, O, S)
+    return {name: np.ndarray(shape, dtype, buffer=buf, offset=offset + off)
+            for name, dtype, shape, off in layout}
+
+
+class SharedSlots:
+    """Batch slots in one shared-memory segment that the learner's side owns: the replay
+    server (on the same node) samples straight into a slot, and the learner reads the arrays
+    where they lie.  ``slots`` must exceed the batches the learner holds at once (queued +
+    training); the segment grows (a new one) when a batch does not fit."""
+
+    def __init__(self, slots: int, slot_bytes: int):
+        from multiprocessing import shared_memory
+        self.slots, self.slot_bytes = int(slots), int(slot_bytes)
+        self.shm = shared_memory.SharedMemory(create=True, size=self.slots * self.slot_bytes)
+        self.next = 0
+        self.opened = False             # the replay server has mapped it (its name is dropped)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def take(self) -> int:
+        """The byte offset of the next slot (round robin)."""
+        off = self.next * self.slot_bytes
+        self.next = (self.next + 1) % self.slots
+        return off
+
+    def unlink(self) -> None:
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        try:
+            self.shm.close()
+        except BufferError:             # views of it still in use: unmapped when they go
+            pass
+
+
+class AttachedSegments:
+    """The replay server's side: segments attached by name, kept open (a few per learner)."""
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self.open: dict[str, object] = {}
+
+    def get(self, name: str):
+        shm = self.open.get(name)
+        if shm is None:
+            from multiprocessing import resource_tracker, shared_memory
+            shm = shared_memory.SharedMemory(name=name)
+            # the learner's side owns and unlinks it; this process must not unlink it at exit
+            resource_tracker.unregister(shm._name, "shared_memory")
+            while len(self.open) >= self.keep:
+                self.open.pop(next(iter(self.open))).close()
+            self.open[name] = shm
+        return shm.buf

@@ -235,3 +235,34 @@ def test_replay_actor_rejects_and_counts_bad_messages_and_keeps_going(ray_sessio
         assert ray.get(server.sample.remote(4), timeout=30) is not None   # still serving
     finally:
         ray.kill(server)
+
+
+@pytest.mark.ray
+def test_batches_through_shared_memory_equal_the_object_store_ones_and_leave_no_segment(ray_session):
+    """Two replay-server actors with the same seed and the same trials (some longer than the
+    first slot guess, so the client's slots grow): one read through shared memory, one
+    through the object store, batch for batch equal; the segment's name is gone once the
+    server has opened it, so a killed process leaks nothing."""
+    import ray
+    from mpn_dqn.driver.runtime.ray_roles import RayReplayClient
+    Server = ray.remote(num_cpus=0, max_concurrency=4)(ReplayServer)
+    servers = [Server.remote(64, SCHEMA, samples_per_insert=100.0, min_size=4, batch_size=4, seed=3)
+               for _ in range(2)]
+    rng = np.random.default_rng(0)
+    msgs = [encode_trials([make_trial(rng, int(rng.integers(5, 120))) for _ in range(5)]) for _ in range(4)]
+    for s in servers:
+        for i, m in enumerate(msgs):
+            assert ray.get(s.insert.remote(m, "a", i))["status"] == "ok"
+    shared, plain = (RayReplayClient(s, 3, 8, slots=3) for s in servers)
+    plain.use_shared = False
+    try:
+        for _ in range(6):
+            a, b = shared.sample(4), plain.sample(4)
+            for name in ("obs", "actions", "rewards", "mask", "lengths", "init_state", "burnin_state"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        assert shared.use_shared and shared.shared is not None and shared.retired   # grown once
+        assert not os.path.exists(f"/dev/shm/{shared.shared.name.lstrip('/')}")
+    finally:
+        shared.close()
+        for s in servers:
+            ray.kill(s)

@@ -2,8 +2,10 @@
 roles are handed (:mod:`common.roles`).  The only place where a role meets Ray.
 
 * :class:`RayReplayClient`: a replay-server actor handle as a :class:`common.roles.ReplayClient`
-  (``ray.get`` with a timeout; a dead or hung server raises ``ReplayUnavailable``; sampled
-  batches arrive as arrays through the object store and are checked, not copied).
+  (``ray.get`` with a timeout; a dead or hung server raises ``ReplayUnavailable``).  Sampled
+  batches arrive in shared memory when the replay server runs on the caller's node (the
+  server writes them into the caller's :class:`replay.wire.SharedSlots`; nothing is copied
+  or encoded on the way), else as arrays through Ray's object store, checked on arrival.
 * :func:`ray_store` / :func:`ray_fetch`: weights published with one ``ray.put`` per version,
   the ref wrapped in a list so that Ray passes it along unresolved.
 * :class:`RayActorWorker`, :class:`RayLearnerWorker`: the roles constructed with those, taking
@@ -16,7 +18,8 @@ from mpn_dqn.common.networks import NetSpec
 from mpn_dqn.common.roles import ReplayUnavailable, WeightsUnavailable
 from mpn_dqn.learner.worker import LearnerWorker
 from mpn_dqn.replay.server import ReplayServer
-from mpn_dqn.replay.wire import check_batch
+from mpn_dqn.replay.buffer import TrialBatch
+from mpn_dqn.replay.wire import SharedSlots, batch_layout, batch_views, check_batch
 
 INSERT_TIMEOUT_S = 30.0
 SAMPLE_TIMEOUT_S = 30.0
@@ -24,8 +27,12 @@ FETCH_TIMEOUT_S = 30.0
 
 
 class RayReplayClient:
-    def __init__(self, handle, obs_dim: int, state_size: int):
+    def __init__(self, handle, obs_dim: int, state_size: int, slots: int = 4):
         self.handle, self.obs_dim, self.state_size = handle, obs_dim, state_size
+        self.nslots = slots             # > the batches the caller holds at once
+        self.shared: SharedSlots | None = None
+        self.retired: list[SharedSlots] = []
+        self.use_shared = True
 
     def _get(self, ref, timeout: float):
         import ray
@@ -39,8 +46,58 @@ class RayReplayClient:
         return self._get(self.handle.insert.remote(payload, source, seq), INSERT_TIMEOUT_S)
 
     def sample(self, batch_size: int):
+        if self.use_shared:
+            batch = self._sample_shared(batch_size)
+            if batch is not False:
+                return batch
         batch = self._get(self.handle.sample.remote(batch_size), SAMPLE_TIMEOUT_S)
         return None if batch is None else check_batch(batch, self.obs_dim, self.state_size)
+
+    def _retire(self) -> None:
+        if self.shared is not None:                  # batches in use keep their mapping
+            self.shared.unlink()
+            self.retired.append(self.shared)
+            self.shared = None
+
+    def _slots(self, nbytes: int) -> SharedSlots:
+        if self.shared is None or self.shared.slot_bytes < nbytes:
+            self._retire()
+            self.shared = SharedSlots(self.nslots, nbytes)
+        return self.shared
+
+    def _sample_shared(self, B: int):
+        """A batch in shared memory, None (rate limiter), or False: the server cannot reach
+        this process's memory (another node), use the object store."""
+        guess = batch_layout(B, 64, 0, self.obs_dim, self.state_size)[1]
+        for _ in range(3):
+            slots = self._slots(guess)
+            off = slots.take()
+            head = self._get(self.handle.sample_into.remote(B, slots.name, off, slots.slot_bytes),
+                             SAMPLE_TIMEOUT_S)
+            if head is None:
+                return None
+            if head.get("no_segment"):
+                if slots.opened:             # a restarted server: it needs a segment with a name
+                    self._retire()
+                    continue
+                self.use_shared = False      # another node: the object store
+                self.close()
+                return False
+            if "need" in head:
+                guess = int(head["need"] * 1.25)
+                continue
+            if not slots.opened:             # the server has it mapped: drop the name, so that
+                slots.unlink()               # nothing outlives the two processes
+                slots.opened = True
+            views = batch_views(slots.shm.buf, off, head["B"], head["T"], head["N"], self.obs_dim,
+                                self.state_size)
+            return TrialBatch(**views)
+        return False
+
+    def close(self) -> None:
+        for s in self.retired + ([self.shared] if self.shared else []):
+            s.close()
+        self.shared, self.retired = None, []
 
     def episode_prefixes(self, n: int) -> list:
         return self._get(self.handle.episode_prefixes.remote(n), SAMPLE_TIMEOUT_S)
@@ -60,9 +117,9 @@ def ray_fetch(handle: list) -> bytes:
         raise WeightsUnavailable(str(exc)) from None
 
 
-def _client(handle, spec: dict) -> RayReplayClient:
+def _client(handle, spec: dict, slots: int = 4) -> RayReplayClient:
     ns = NetSpec(**spec)
-    return RayReplayClient(handle, ns.obs_dim, ns.state_size)
+    return RayReplayClient(handle, ns.obs_dim, ns.state_size, slots)
 
 
 class RayActorWorker(ActorWorker):
@@ -83,12 +140,12 @@ class RayActorWorker(ActorWorker):
 class RayLearnerWorker(LearnerWorker):
     def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
                  publish_period: int = 10, prefetch: int = 2, version_floor: int = 0):
-        self._spec_d = spec
-        super().__init__(cfg, spec, _client(replay, spec), checkpoint, publish_period, prefetch,
-                         version_floor, store=ray_store)
+        self._spec_d, self._slots = spec, prefetch + 2     # queued + training + being filled
+        super().__init__(cfg, spec, _client(replay, spec, self._slots), checkpoint, publish_period,
+                         prefetch, version_floor, store=ray_store)
 
     def set_replay(self, replay) -> bool:
-        return super().set_replay(_client(replay, self._spec_d))
+        return super().set_replay(_client(replay, self._spec_d, self._slots))
 
 
 def remote_role_classes(learner_gpus: float) -> tuple:
