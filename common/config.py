@@ -306,6 +306,11 @@ class TrainConfig(ConfigBase):
                               "batched policy call per step", low=1)
     address: Optional[str] = opt(None, "Ray cluster address (auto or HOST:PORT); default: the "
                                  "RAY_ADDRESS variable, else an embedded local Ray")
+    replay_shards: int = opt(1, "replay-server actors: actor i inserts into server i mod N and the "
+                             "learner samples whole batches from every server (a prefetch thread "
+                             "each), each under its own samples-per-insert rate limit; "
+                             "--buffer-size and --learning-starts are split evenly between them. "
+                             "More than 1 needs Ray actors (--num-actors >= N)", low=1)
 
     # --- output ---
     experiment_name: Optional[str] = opt(None, "experiment directory name under "
@@ -359,6 +364,17 @@ class TrainConfig(ConfigBase):
         if self.learning_starts > self.buffer_size:
             raise ConfigError(f"--learning-starts ({self.learning_starts}) can never be reached "
                               f"with --buffer-size {self.buffer_size}; lower it or grow the buffer")
+        if self.replay_shards > 1:
+            if self.effective_num_actors < self.replay_shards:
+                raise ConfigError(f"--replay-shards {self.replay_shards} needs at least as many Ray "
+                                  f"actors (--num-actors, now {self.effective_num_actors}): a server "
+                                  "without an actor never receives trials")
+            per = self.buffer_size // self.replay_shards
+            if per < self.trial_batch_size or -(-self.learning_starts // self.replay_shards) > per:
+                raise ConfigError(f"--buffer-size {self.buffer_size} split over --replay-shards "
+                                  f"{self.replay_shards} is {per} trials per server: each must hold a "
+                                  f"batch (--trial-batch-size {self.trial_batch_size}) and its share of "
+                                  f"--learning-starts ({self.learning_starts}); grow --buffer-size")
         if self.experiment_name is not None:
             check_experiment_name(self.experiment_name)
 

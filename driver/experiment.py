@@ -374,7 +374,7 @@ NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias
                   "eta", "eta_per_100ms", "lambda_decay", "m_timescale_ms", "lambda_max",
                   "m_timescale_max_ms", "eta_min_per_100ms")
 # ... and those that make the replay snapshot's layout, which resume restores beside it
-REPLAY_FIELDS = ("buffer_size", "replay_init", "burn_in_steps")
+REPLAY_FIELDS = ("buffer_size", "replay_init", "burn_in_steps", "replay_shards")
 
 
 def check_checkpoint_matches(ck: dict, cfg, path, fields: tuple = NETWORK_FIELDS) -> None:

@@ -28,13 +28,14 @@ from mpn_dqn.learner.learner import Learner
 
 
 class LearnerWorker:
-    def __init__(self, cfg: dict, spec: dict, replay: ReplayClient, checkpoint: bytes | None = None,
+    def __init__(self, cfg: dict, spec: dict, replay: ReplayClient | list, checkpoint: bytes | None = None,
                  publish_period: int = 10, prefetch: int = 2, version_floor: int = 0,
                  store: WeightsStore = local_store):
         torch.set_num_threads(1)
         self.cfg = TrainConfig.from_dict(cfg)
         self.spec = NetSpec(**spec)
-        self.replay = replay
+        # one replay, or several (shards): a prefetch thread samples whole batches from each
+        self.replays = list(replay) if isinstance(replay, (list, tuple)) else [replay]
         self.store = store
         self.learner = Learner.from_config(self.spec, self.cfg)
         if checkpoint is not None:
@@ -75,8 +76,9 @@ class LearnerWorker:
     def start(self) -> bool:
         if self.threads:
             return True
-        for target in (self._prefetch_loop, self._train_loop):
-            t = threading.Thread(target=target, daemon=True)
+        targets = [(self._prefetch_loop, (k,)) for k in range(len(self.replays))]
+        for target, args in targets + [(self._train_loop, ())]:
+            t = threading.Thread(target=target, args=args, daemon=True)
             t.start()
             self.threads.append(t)
         return True
@@ -85,17 +87,21 @@ class LearnerWorker:
         import os
         return os.getpid()
 
-    def set_replay(self, replay: ReplayClient) -> bool:
-        """Sample from this replay server from now on (the driver restarted it)."""
-        self.replay = replay
+    @property
+    def replay(self) -> ReplayClient:
+        return self.replays[0]
+
+    def set_replay(self, replay: ReplayClient, shard: int = 0) -> bool:
+        """Sample from this replay server (shard ``shard``) from now on (the driver restarted it)."""
+        self.replays[shard] = replay
         return True
 
-    def _prefetch_loop(self) -> None:
+    def _prefetch_loop(self, shard: int = 0) -> None:
         B = self.cfg.trial_batch_size
         try:
             while not self.stop_flag.is_set():
                 try:
-                    batch = self.replay.sample(B)
+                    batch = self.replays[shard].sample(B)
                 except ReplayUnavailable:
                     # the replay server died (or hung): wait for the driver to hand over a
                     # restarted one (set_replay) and go on with it

@@ -98,12 +98,14 @@ class ReplayServer:
     @staticmethod
     def config_kwargs(cfg, spec) -> dict:
         """The constructor's arguments for a training config and network spec (all but
-        ``seed`` and ``epoch``)."""
+        ``seed`` and ``epoch``): one of ``cfg.replay_shards`` servers, each with an even share
+        of the buffer and of the trials before learning starts."""
         burn = cfg.burn_in_steps if cfg.replay_init == "burn-in" else 0
-        return dict(capacity=cfg.buffer_size,
+        n = max(1, int(getattr(cfg, "replay_shards", 1)))
+        return dict(capacity=cfg.buffer_size // n,
                     schema={"obs_dim": spec.obs_dim, "state_size": spec.state_size,
                             "num_actions": spec.num_actions, "max_burnin": burn},
-                    samples_per_insert=cfg.replay_ratio, min_size=cfg.learning_starts,
+                    samples_per_insert=cfg.replay_ratio, min_size=-(-cfg.learning_starts // n),
                     batch_size=cfg.trial_batch_size, max_burnin=burn)
 
     def insert(self, payload: bytes, source: str | None = None, seq: int | None = None) -> dict:
@@ -194,6 +196,19 @@ class ReplayServer:
                     "bytes_in": self.bytes_in, "nbytes": self.buffer.nbytes(),
                     "payload_nbytes": self.buffer.payload_nbytes(), "uptime_s": time.time() - self.t0,
                     "epoch": self.epoch, "duplicates": self.duplicates}
+
+    @staticmethod
+    def merge_stats(parts: list[dict]) -> dict:
+        """:meth:`stats` of several servers (shards) as one: counts summed."""
+        if len(parts) == 1:
+            return parts[0]
+        out = {k: sum(p[k] for p in parts) for k in ("size", "inserted", "sampled", "rejected",
+               "insert_blocked", "sample_blocked", "bytes_in", "nbytes", "payload_nbytes", "duplicates")}
+        out.update(samples_per_insert=out["sampled"] / out["inserted"] if out["inserted"] else 0.0,
+                   last_reject=next((p["last_reject"] for p in parts if p["last_reject"]), ""),
+                   uptime_s=min(p["uptime_s"] for p in parts), epoch=max(p["epoch"] for p in parts),
+                   shards=len(parts))
+        return out
 
     # -- fault tolerance -------------------------------------------------------------------------
     def pid(self) -> int:

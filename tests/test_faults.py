@@ -57,9 +57,18 @@ def _run(tr, hook):
     return tr.run()
 
 
-def test_actor_killed_is_replaced_with_current_weights(ray_session, tmp_path):
+# every fault also with two replay servers (--replay-shards 2, one actor each)
+SHARDS = pytest.mark.parametrize("shards", [1, 2])
+
+
+def _sharded(tmp_path, shards, **kw):
+    return _cfg(tmp_path, replay_shards=shards, num_actors=shards, **kw)
+
+
+@SHARDS
+def test_actor_killed_is_replaced_with_current_weights(ray_session, tmp_path, shards):
     ray = ray_session
-    tr, exp, lines = _trainer(_cfg(tmp_path), tmp_path)
+    tr, exp, lines = _trainer(_sharded(tmp_path, shards), tmp_path)
     st = {}
 
     def hook(t):
@@ -83,10 +92,12 @@ def test_actor_killed_is_replaced_with_current_weights(ray_session, tmp_path):
     assert any("Actor 0 died" in line for line in lines)
 
 
-def test_replay_server_killed_comes_back_from_its_snapshot(ray_session, tmp_path):
+@SHARDS
+def test_replay_server_killed_comes_back_from_its_snapshot(ray_session, tmp_path, shards):
     ray = ray_session
     every = 40
-    tr, exp, lines = _trainer(_cfg(tmp_path, replay_snapshot_every=every), tmp_path)
+    tr, exp, lines = _trainer(_sharded(tmp_path, shards, replay_snapshot_every=every), tmp_path)
+    k = shards - 1                                        # the server killed: the last one
     st = {}
     max_chunk = [0]
     on_chunk = tr._on_chunk
@@ -99,14 +110,15 @@ def test_replay_server_killed_comes_back_from_its_snapshot(ray_session, tmp_path
     def hook(t):
         c = t.counters
         if "pid" not in st and t.replay_snapshots >= 2 and t.status.get("updates", 0) > 0:
-            pre = ray.get(t.replay.stats.remote())
-            st.update(pre=pre, pid=_sigkill(ray, t.replay), ep=c.episodes,
+            pre = ray.get(t.replays[k].stats.remote())
+            st.update(pre=pre, pid=_sigkill(ray, t.replays[k]), ep=c.episodes,
                       updates=t.status["updates"])
         elif "pid" in st and t.replay_restarts and "after" not in st:
             st["after"] = t.status.get("updates", 0)
         elif "after" in st and t.status.get("updates", 0) >= st["after"] + 20 \
                 and c.episodes >= st["ep"] + 16:
-            st["stats"] = ray.get(t.replay.stats.remote())
+            st["stats"] = ray.get(t.replays[k].stats.remote())
+            st["others"] = [ray.get(r.stats.remote()) for r in t.replays[:k]]
             t.target_episodes = c.episodes
 
     _run(tr, hook)
@@ -124,19 +136,24 @@ def test_replay_server_killed_comes_back_from_its_snapshot(ray_session, tmp_path
     # most a chunk per actor after `every` trials
     assert gap <= every + tr.cfg.num_actors * max_chunk[0] + 16, (gap, max_chunk)
     # the new server carries on from the snapshot's count, with no message stored twice
-    assert st["stats"]["epoch"] == 1 and st["stats"]["inserted"] > restored["inserted"]
+    assert st["stats"]["epoch"] == shards and st["stats"]["inserted"] > restored["inserted"]
     assert st["stats"]["rejected"] == 0
     # the learner's prefetch survived and samples from the new server
     assert st["stats"]["sampled"] > restored["samples"]
+    # the other servers lived on: never restarted, sampled by the learner too
+    assert all(o["epoch"] == i and o["sampled"] > 0 for i, o in enumerate(st["others"]))
+    if shards > 1:
+        assert all(tr.snap_paths[i].exists() for i in range(shards))      # one snapshot each
     recs = exp.read_metrics()
     assert recs[-1]["replay_restarts"] == 1 and recs[-1]["replay_trials_lost"] == lost
     print(f"\nreplay kill: lost {lost} trials (snapshot every {every}; "
           f"{st['pre']['inserted']} inserted before the kill, {restored['inserted']} restored)")
 
 
-def test_learner_killed_restarts_from_the_last_checkpoint(ray_session, tmp_path):
+@SHARDS
+def test_learner_killed_restarts_from_the_last_checkpoint(ray_session, tmp_path, shards):
     ray = ray_session
-    tr, exp, lines = _trainer(_cfg(tmp_path), tmp_path)
+    tr, exp, lines = _trainer(_sharded(tmp_path, shards), tmp_path)
     st = {}
 
     def hook(t):

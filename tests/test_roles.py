@@ -144,6 +144,31 @@ def test_prefetch_thread_trains_from_the_replay():
         learner.stop()
 
 
+def test_with_two_replay_shards_the_learner_samples_each_under_its_own_rate_limit():
+    cfg, spec, _, msg = _setup(replay_ratio=2.0, replay_shards=2, num_actors=2)
+    servers = [ReplayServer(**ReplayServer.config_kwargs(cfg, spec), seed=k) for k in range(2)]
+    assert all(s.buffer.capacity == 100 and s.limiter.min_size == 4 for s in servers)   # even shares
+    actors = [ActorWorker(cfg.to_dict(), spec.to_dict(), k, 2, LocalReplay(servers[k]), msg) for k in range(2)]
+    learner = LearnerWorker(cfg.to_dict(), spec.to_dict(), [LocalReplay(s) for s in servers])
+    learner.start()
+    try:
+        assert len(learner.threads) == 3                 # a prefetch thread per shard + training
+        t_end = time.time() + 30
+        while learner.learner.updates < 10 and time.time() < t_end:
+            for a in actors:
+                a.run_chunk(0, seconds=0.03)
+    finally:
+        learner.stop()
+    stats = [s.stats() for s in servers]
+    assert learner.learner.updates >= 10 and learner.error is None
+    for s, st in zip(servers, stats):
+        assert st["inserted"] > 0 and st["sampled"] > 0                  # both shards fed and sampled
+        assert st["sampled"] <= 2.0 * st["inserted"] + s.limiter.error_buffer
+    merged = ReplayServer.merge_stats(stats)
+    assert merged["inserted"] == sum(st["inserted"] for st in stats) and merged["shards"] == 2
+    assert merged["sampled"] == sum(st["sampled"] for st in stats)
+
+
 def test_the_prefetch_thread_survives_an_unreachable_replay():
     cfg, spec, server, msg = _setup()
 

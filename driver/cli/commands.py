@@ -98,7 +98,8 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
     # before anything is rewritten; budget and runtime fields (episodes, minutes, actors, ...) may differ
     check_checkpoint_matches(ck, cfg, latest, NETWORK_FIELDS + REPLAY_FIELDS)
     from mpn_dqn.driver.runtime.recovery import load_resume_snapshot
-    load_resume_snapshot(exp)       # a damaged replay snapshot: an error naming it, nothing written
+    for k in range(cfg.replay_shards):      # a damaged replay snapshot: an error naming it, nothing written
+        load_resume_snapshot(exp, k)
     done = int(ck["counters"].get("episodes", 0))
     target, time_limit_minutes = resume_budget(cfg, ck["counters"], num_episodes, time_limit_minutes)
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)

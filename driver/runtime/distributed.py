@@ -60,16 +60,17 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin, TrainingLoop):
     def start_roles(self) -> None:
         import ray
         cfg = self.cfg
-        self.replay = self._new_replay()
-        self.restore_replay()                    # resume: the replay snapshot
-        self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes)
+        self.replays = [self._new_replay(k) for k in range(self.shards)]
+        self.restore_replay()                    # resume: the replay snapshots
+        self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, list(self.replays), self.ck_bytes)
         self.weights = ray.get(self.learner.latest_weights.remote())
         for _ in range(cfg.effective_num_actors):
             self.add_actor()
         ray.get(self.learner.start.remote())
 
     def started_message(self) -> str:
-        return (f"Replay server, learner and {len(self.actors)} actor(s) started in "
+        servers = f"{self.shards} replay servers" if self.shards > 1 else "Replay server"
+        return (f"{servers}, learner and {len(self.actors)} actor(s) started in "
                 f"{time.time() - self.t_start:.1f} s; filling replay: learning starts after "
                 f"{self.cfg.learning_starts} trials")
 
@@ -81,7 +82,8 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin, TrainingLoop):
         i = len(self.actors)
         params_msg = self._params_msg()
         actor = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
-            self.cfg_d, self.spec_d, i, max(1, self.cfg.effective_num_actors), self.replay, params_msg,
+            self.cfg_d, self.spec_d, i, max(1, self.cfg.effective_num_actors),
+            self.replays[i % len(self.replays)], params_msg,
             7919 * self.counters.episodes + 104_729 * i)
         self.actors.append(actor)
         self.actor_versions.append(self.weights[0])
@@ -127,4 +129,5 @@ class DistributedTrainer(RecoveryMixin, LiveControlMixin, TrainingLoop):
     def kill_all(self) -> None:
         import ray
         ray.kill(self.learner)
-        ray.kill(self.replay)
+        for r in self.replays:
+            ray.kill(r)

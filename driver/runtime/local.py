@@ -60,7 +60,7 @@ class LocalTrainer(TrainingLoop):
     def _replay_get(self, name: str, *args):
         return getattr(self.replay, name)(*args)
 
-    def _replay_restore(self, data: bytes, where: str) -> dict:
+    def _replay_restore(self, data: bytes, where: str, shard: int = 0) -> dict:
         try:
             return self.replay.restore(data, where)
         except SnapshotError as exc:

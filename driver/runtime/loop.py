@@ -191,11 +191,13 @@ class TrainingLoop:
             self.ck_bytes = learner_bytes(ck["learner"])
             log(f"Resumed from {resume_from}: episode {self.counters.episodes}, "
                 f"{self.counters.updates} updates")
-        self.resume_snapshot = load_resume_snapshot(exp) if resume_from is not None else None
+        self.shards = cfg.replay_shards
+        self.resume_snapshots = ([load_resume_snapshot(exp, k) for k in range(self.shards)]
+                                 if resume_from is not None else [None] * self.shards)
         self.guard = WriteGuard(log)             # periodic writes that fail: reported, retried
         self.actor_versions: list[int] = []
         self.actor_cpu_s = 0.0                   # CPU seconds the actors spent acting
-        self.snap_path = snapshot_path(exp)
+        self.snap_paths = [snapshot_path(exp, k) for k in range(self.shards)]
         self.snap_trials = self.counters.trials
         self.replay_snapshots = 0
         self.weights: list | None = None
@@ -229,9 +231,13 @@ class TrainingLoop:
     def _replay_get(self, name: str, *args):
         raise NotImplementedError
 
-    def _replay_restore(self, data: bytes, where: str) -> dict:
-        """Restore the replay from snapshot bytes; CheckpointError if they do not fit."""
+    def _replay_restore(self, data: bytes, where: str, shard: int = 0) -> dict:
+        """Restore replay server ``shard`` from snapshot bytes; CheckpointError if they do not fit."""
         raise NotImplementedError
+
+    def _replay_snapshots(self, extra: dict) -> list[bytes]:
+        """Every replay server's snapshot bytes, shard by shard."""
+        return [self._replay_get("snapshot", extra)]
 
     def placement_record(self, rec: dict) -> dict:
         """Add where the actors run to a metrics record."""
@@ -263,32 +269,39 @@ class TrainingLoop:
 
     # -- replay snapshots ----------------------------------------------------------------------
     def restore_replay(self) -> None:
-        """On resume: restore the replay from the experiment's snapshot, write resume.json."""
+        """On resume: restore each replay server from its snapshot, write resume.json."""
         if self.resume_from is None:
             return
-        info, path = None, None
-        if self.resume_snapshot is not None:
-            path, data, _ = self.resume_snapshot
-            info = self._replay_restore(data, str(path))
-            self.resume_snapshot = None          # free the bytes
-            self.replay_restored(info)
+        infos, first = [], None
+        for k, snap in enumerate(self.resume_snapshots):
+            if snap is None:
+                continue
+            path, data, _ = snap
+            info = self._replay_restore(data, str(path), k)
+            self.replay_restored(info, k)
+            infos.append(info)
+            first = first or path
             self.log(f"Replay restored from {path.name}: {info['size']} trials "
                      f"({info['inserted']} inserted in all), snapshot taken at episode "
                      f"{info['extra'].get('episodes')}")
-        else:
+        self.resume_snapshots = [None] * self.shards      # free the bytes
+        if not infos:
             self.log("No replay snapshot to restore: the replay buffer starts empty")
+        info = infos[0] if len(infos) == 1 else (
+            {**infos[0], **{k: sum(i[k] for i in infos) for k in ("size", "inserted", "samples")}}
+            if infos else None)
         stats = self._replay_get("stats")
-        write_resume_json(self.exp, self.resume_from, self.counters.to_dict(), path, info,
+        write_resume_json(self.exp, self.resume_from, self.counters.to_dict(), first, info,
                           {"size": stats["size"], "inserted": stats["inserted"],
                            "sampled": stats["sampled"]})
 
-    def replay_restored(self, info: dict) -> None:
-        """The replay was restored from a snapshot on resume (``info``: what it holds)."""
+    def replay_restored(self, info: dict, shard: int = 0) -> None:
+        """Replay server ``shard`` was restored from a snapshot on resume (``info``: what it holds)."""
 
     def _snapshot_replay(self) -> None:
         self.snap_trials = self.counters.trials      # also after a failed write: retry at the next interval
-        data = self._replay_get("snapshot", counter_extra(self.counters))
-        write_snapshot_file(self.snap_path, data)
+        for path, data in zip(self.snap_paths, self._replay_snapshots(counter_extra(self.counters))):
+            write_snapshot_file(path, data)
         self.replay_snapshots += 1
 
     def _snapshot_tick(self) -> None:

@@ -140,12 +140,15 @@ class RayActorWorker(ActorWorker):
 class RayLearnerWorker(LearnerWorker):
     def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
                  publish_period: int = 10, prefetch: int = 2, version_floor: int = 0):
-        self._spec_d, self._slots = spec, prefetch + 2     # queued + training + being filled
-        super().__init__(cfg, spec, _client(replay, spec, self._slots), checkpoint, publish_period,
-                         prefetch, version_floor, store=ray_store)
+        # slots per shard: its queued batches (at most the queue's size), the one in training and
+        # the one being filled
+        self._spec_d, self._slots = spec, prefetch + 2
+        handles = replay if isinstance(replay, (list, tuple)) else [replay]
+        super().__init__(cfg, spec, [_client(h, spec, self._slots) for h in handles], checkpoint,
+                         publish_period, prefetch, version_floor, store=ray_store)
 
-    def set_replay(self, replay) -> bool:
-        return super().set_replay(_client(replay, self._spec_d, self._slots))
+    def set_replay(self, replay, shard: int = 0) -> bool:
+        return super().set_replay(_client(replay, self._spec_d, self._slots), shard)
 
 
 def remote_role_classes(learner_gpus: float) -> tuple:

@@ -37,14 +37,17 @@ MAX_RESTARTS_IN_WINDOW = 5          # an actor index that dies more often than t
 RESTART_WINDOW_S = 60.0             # ... within this many seconds stops the run
 
 
-def snapshot_path(exp: Experiment) -> Path:
-    return exp.checkpoint_dir / SNAPSHOT_NAME
+def snapshot_path(exp: Experiment, shard: int = 0) -> Path:
+    """Replay server ``shard``'s snapshot file (``replay_snapshot.npz``, then
+    ``replay_snapshot.1.npz`` ... with ``--replay-shards``)."""
+    name = SNAPSHOT_NAME if shard == 0 else SNAPSHOT_NAME.replace(".npz", f".{shard}.npz")
+    return exp.checkpoint_dir / name
 
 
-def load_resume_snapshot(exp: Experiment) -> tuple[Path, bytes, dict] | None:
-    """The experiment's replay snapshot, verified, or None if it has none.  A damaged one
+def load_resume_snapshot(exp: Experiment, shard: int = 0) -> tuple[Path, bytes, dict] | None:
+    """Replay server ``shard``'s snapshot, verified, or None if it has none.  A damaged one
     raises :class:`CheckpointError` naming the file (the CLI exits 2)."""
-    path = snapshot_path(exp)
+    path = snapshot_path(exp, shard)
     if not path.exists():
         return None
     try:
@@ -67,8 +70,9 @@ def counter_extra(counters) -> dict:
 
 class RecoveryMixin:
     """Restart logic for DistributedTrainer (see the module docstring).  Expects the trainer's
-    attributes: cfg, exp, log, counters, spec, actors, inflight, actor_versions, weights,
-    replay, learner, ck_bytes, replay_cls, learner_cls, actor_cls, cfg_d, spec_d."""
+    attributes: cfg, exp, log, counters, spec, shards, snap_paths, actors, inflight,
+    actor_versions, weights, replays, learner, ck_bytes, replay_cls, learner_cls, actor_cls,
+    cfg_d, spec_d."""
 
     # -- set-up ----------------------------------------------------------------------------------
     def _init_recovery(self) -> None:
@@ -79,8 +83,11 @@ class RecoveryMixin:
         self.fault_hooks: list = []              # callables(trainer), run each loop turn (tests)
         self.incarnation: dict[int, int] = {}    # actor index -> restarts of that index
         self.acked: dict[tuple, dict] = {}       # (index, incarnation) -> {epoch: trials acked}
-        self.replay_epoch = 0
-        self.epoch_start: dict[int, int] = {0: 0}    # epoch -> its server's inserted at start
+        # every replay-server incarnation of every shard has its own epoch number (the epoch its
+        # acknowledgements name); shard k starts as epoch k
+        self.next_epoch = self.shards
+        self.shard_epoch = list(range(self.shards))
+        self.epoch_start: dict[int, int] = {k: 0 for k in range(self.shards)}  # epoch -> inserted at start
         self.epoch_restored: dict[int, int] = {}     # dead epoch -> what its successor restored
         self.restores: list[dict] = []
         self.chunk_errors: dict[int, int] = {}
@@ -94,22 +101,27 @@ class RecoveryMixin:
             bar.clear()
         self.log(msg)
 
-    def _new_replay(self):
+    @property
+    def replay(self):
+        """The first replay server (the only one without ``--replay-shards``)."""
+        return self.replays[0]
+
+    def _new_replay(self, shard: int):
         from mpn_dqn.replay.server import ReplayServer
+        epoch = self.shard_epoch[shard]
         return self.replay_cls.remote(
             **ReplayServer.config_kwargs(self.cfg, self.spec),
-            seed=self.cfg.seed + self.counters.episodes + 1_000 * self.replay_epoch,
-            epoch=self.replay_epoch)
+            seed=self.cfg.seed + self.counters.episodes + 1_000 * epoch, epoch=epoch)
 
-    def _replay_restore(self, data: bytes, where: str) -> dict:
+    def _replay_restore(self, data: bytes, where: str, shard: int = 0) -> dict:
         import ray
         try:
-            return ray.get(self.replay.restore.remote(data, where))
+            return ray.get(self.replays[shard].restore.remote(data, where))
         except ray.exceptions.RayTaskError as exc:     # it does not fit this configuration
             raise CheckpointError(str(exc.cause if hasattr(exc, "cause") else exc)) from None
 
-    def replay_restored(self, info: dict) -> None:
-        self.epoch_start[0] = info["inserted"]
+    def replay_restored(self, info: dict, shard: int = 0) -> None:
+        self.epoch_start[self.shard_epoch[shard]] = info["inserted"]
         self.restores.append(info)
 
     # -- calls that survive a dead role ------------------------------------------------------------
@@ -117,19 +129,35 @@ class RecoveryMixin:
         return self._call_role("learner", self._restart_learner, name, *args, timeout=timeout)
 
     def _replay_get(self, name: str, *args, timeout: float = 120.0):
-        return self._call_role("replay", self._restart_replay, name, *args, timeout=timeout,
-                               what="replay server")
+        """The call on every replay server (restarting dead ones); ``stats`` merged, any
+        other call's answer from the only server (see :meth:`_replay_snapshots`)."""
+        from mpn_dqn.replay.server import ReplayServer
+        out = [self._call_role(lambda k=k: self.replays[k], lambda k=k: self._restart_replay(k), name,
+                               *args, timeout=timeout, what="replay server")
+               for k in range(len(self.replays))]
+        if name == "stats":
+            return ReplayServer.merge_stats(out)
+        if len(out) != 1:
+            raise ValueError(f"{name} on {len(out)} replay servers: call it per server")
+        return out[0]
 
-    def _call_role(self, attr: str, restart, name: str, *args, timeout: float, what: str | None = None):
-        """``ray.get(self.<attr>.<name>(*args))``, restarting the role (up to 3 times) if it died."""
+    def _replay_snapshots(self, extra: dict) -> list[bytes]:
+        return [self._call_role(lambda k=k: self.replays[k], lambda k=k: self._restart_replay(k),
+                                "snapshot", extra, timeout=120.0, what="replay server")
+                for k in range(len(self.replays))]
+
+    def _call_role(self, role, restart, name: str, *args, timeout: float, what: str | None = None):
+        """``ray.get(<role>.<name>(*args))``, restarting the role (up to 3 times) if it died.
+        ``role``: an attribute name of the trainer, or a callable returning the handle."""
         import ray
         from ray.exceptions import RayActorError
         for _ in range(3):
+            handle = role() if callable(role) else getattr(self, role)
             try:
-                return ray.get(getattr(getattr(self, attr), name).remote(*args), timeout=timeout)
+                return ray.get(getattr(handle, name).remote(*args), timeout=timeout)
             except RayActorError:
                 restart()
-        raise RuntimeError(f"the {what or attr} died three times in a row; giving up")
+        raise RuntimeError(f"the {what or role} died three times in a row; giving up")
 
     def _learner_checkpoint_bytes(self) -> bytes:
         self._learner_bytes = self._learner_get("checkpoint_bytes")
@@ -196,7 +224,8 @@ class RecoveryMixin:
         from mpn_dqn.driver.runtime.ray_cluster import actor_scheduling
         self.actors[i] = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
             self.cfg_d, self.spec_d, i,
-            max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)), self.replay, params_msg,
+            max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)),
+            self.replays[i % len(self.replays)], params_msg,
             7919 * self.counters.episodes + 104_729 * i + 15_485_863 * inc)
         self.actor_versions[i] = self.weights[0]
         self._submit(i)
@@ -208,35 +237,37 @@ class RecoveryMixin:
         """An actor could not reach the replay server: restart it if it is dead."""
         self._replay_get("stats", timeout=30)
 
-    def _restart_replay(self) -> None:
+    def _restart_replay(self, shard: int = 0) -> None:
         import ray
-        dead = self.replay_epoch
+        dead = self.shard_epoch[shard]
         try:
-            ray.kill(self.replay)
+            ray.kill(self.replays[shard])
         except Exception:  # noqa: BLE001
             pass
-        self.replay_epoch += 1
-        self.replay = self._new_replay()
+        self.shard_epoch[shard], self.next_epoch = self.next_epoch, self.next_epoch + 1
+        self.replays[shard] = handle = self._new_replay(shard)
+        path = self.snap_paths[shard]
         info = None
-        if self.snap_path.exists():
+        if path.exists():
             try:
-                data, _ = read_snapshot_file(self.snap_path)
-                info = ray.get(self.replay.restore.remote(data, str(self.snap_path)))
+                data, _ = read_snapshot_file(path)
+                info = ray.get(handle.restore.remote(data, str(path)))
                 self.restores.append(info)
             except (SnapshotError, ray.exceptions.RayTaskError) as exc:
                 self._note(f"Replay snapshot unusable ({exc}); the new replay server starts empty")
         restored = info["inserted"] if info else 0
-        self.epoch_start[self.replay_epoch] = restored
+        self.epoch_start[self.shard_epoch[shard]] = restored
         self.epoch_restored[dead] = restored
         self.replay_restarts += 1
         try:
-            ray.get(self.learner.set_replay.remote(self.replay), timeout=30)
+            ray.get(self.learner.set_replay.remote(handle, shard), timeout=30)
         except Exception:  # noqa: BLE001 - a dead learner gets the new handle when restarted
             pass
-        for a in self.actors:
-            if a is not None:
-                a.set_replay.remote(self.replay)     # runs before the actor's next chunk
-        self._note(f"Replay server died; restarted it from "
+        for i, a in enumerate(self.actors):
+            if a is not None and i % len(self.replays) == shard:
+                a.set_replay.remote(handle)          # runs before the actor's next chunk
+        which = f"Replay server {shard}" if len(self.replays) > 1 else "Replay server"
+        self._note(f"{which} died; restarted it from "
                    f"{'its snapshot (' + str(info['size']) + ' trials)' if info else 'nothing (empty)'}"
                    f" (replay restarts: {self.replay_restarts})")
 
@@ -255,7 +286,7 @@ class RecoveryMixin:
         except Exception:  # noqa: BLE001
             pass
         floor = max([int(self.weights[0]), *[int(v) for v in self.actor_versions]])
-        self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, self.replay, self.ck_bytes,
+        self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, list(self.replays), self.ck_bytes,
                                                version_floor=floor)
         ray.get(self.learner.start.remote())
         self.weights = ray.get(self.learner.latest_weights.remote())
