@@ -159,26 +159,35 @@ class ReplayServer:
             self.limiter.samples += batch_size
         return batch
 
-    def sample_into(self, batch_size: int, segment: str, offset: int, nbytes: int,
+    def sample_into(self, batch_size: int, segment: str, offsets: list, nbytes: int,
                     pad_multiple: int = 1) -> dict | None:
-        """:meth:`sample` written into a caller's shared-memory segment (same node) at
-        ``offset`` (see :class:`replay.wire.SharedSlots`): returns ``{"B", "T", "N"}``;
-        ``{"need": n}`` when the slot is smaller than the batch (nothing drawn);
-        ``{"no_segment": True}`` when this process cannot open the segment (another node);
-        None when the rate limiter says wait."""
+        """:meth:`sample`, written into a caller's shared-memory segment (same node): one batch
+        into each slot at ``offsets`` (``nbytes`` each; see :class:`replay.wire.SharedSlots`),
+        in order, for as long as the rate limiter allows.  Returns ``{"batches": [{"B", "T",
+        "N"}, ...]}`` (at least one); ``{"need": n}`` when the first batch does not fit a slot
+        (nothing drawn); ``{"no_segment": True}`` when this process cannot open the segment
+        (another node); None when the rate limiter says wait."""
         try:
             buf = self.segments.get(segment)
         except (FileNotFoundError, ValueError, OSError):
             return {"no_segment": True}
+        heads = []
         with self.lock:
-            if not self.limiter.can_sample(batch_size):
+            for off in offsets:
+                if not self.limiter.can_sample(batch_size):
+                    break
+                head = self.buffer.sample_into(batch_size, buf, off, nbytes, pad_multiple=pad_multiple,
+                                               rng=self.rng)
+                if "need" in head:
+                    if not heads:
+                        return head
+                    break
+                self.limiter.samples += batch_size
+                heads.append(head)
+            if not heads:
                 self.sample_blocked += 1
                 return None
-            head = self.buffer.sample_into(batch_size, buf, offset, nbytes, pad_multiple=pad_multiple,
-                                           rng=self.rng)
-            if "need" not in head:
-                self.limiter.samples += batch_size
-        return head
+        return {"batches": heads}
 
     def episode_prefixes(self, n: int) -> list:
         """Up to ``n`` stored trials with the stored trials of their episode before them (the

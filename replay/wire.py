@@ -80,9 +80,10 @@ def batch_views(buf, offset: int, B: int, T: int, N: int, O: int, S: int) -> dic
 
 class SharedSlots:
     """Batch slots in one shared-memory segment that the learner's side owns: the replay
-    server (on the same node) samples straight into a slot, and the learner reads the arrays
-    where they lie.  ``slots`` must exceed the batches the learner holds at once (queued +
-    training); the segment grows (a new one) when a batch does not fit."""
+    server (on the same node) samples straight into slots, several per request, and the
+    learner reads the arrays where they lie.  ``slots`` must cover the batches the learner holds
+    at once (queued + training) plus one request's; the segment grows (a new one) when a batch
+    does not fit."""
 
     def __init__(self, slots: int, slot_bytes: int):
         from multiprocessing import shared_memory
@@ -95,11 +96,13 @@ class SharedSlots:
     def name(self) -> str:
         return self.shm.name
 
-    def take(self) -> int:
-        """The byte offset of the next slot (round robin)."""
-        off = self.next * self.slot_bytes
-        self.next = (self.next + 1) % self.slots
-        return off
+    def peek(self, n: int) -> list[int]:
+        """Byte offsets of the next ``n`` slots (round robin); :meth:`advance` by those used, so
+        the batches handed out always lie in consecutive slots."""
+        return [((self.next + i) % self.slots) * self.slot_bytes for i in range(n)]
+
+    def advance(self, n: int) -> None:
+        self.next = (self.next + n) % self.slots
 
     def unlink(self) -> None:
         try:

@@ -253,7 +253,7 @@ def test_batches_through_shared_memory_equal_the_object_store_ones_and_leave_no_
     for s in servers:
         for i, m in enumerate(msgs):
             assert ray.get(s.insert.remote(m, "a", i))["status"] == "ok"
-    shared, plain = (RayReplayClient(s, 3, 8, slots=3) for s in servers)
+    shared, plain = (RayReplayClient(s, 3, 8, held=2) for s in servers)
     plain.use_shared = False
     try:
         for _ in range(6):

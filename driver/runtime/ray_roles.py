@@ -23,13 +23,15 @@ from mpn_dqn.replay.wire import SharedSlots, batch_layout, batch_views, check_ba
 
 INSERT_TIMEOUT_S = 30.0
 SAMPLE_TIMEOUT_S = 30.0
+TRIALS_PER_REQUEST = 512        # shared memory: batches per sampling call = this / batch size
 FETCH_TIMEOUT_S = 30.0
 
 
 class RayReplayClient:
-    def __init__(self, handle, obs_dim: int, state_size: int, slots: int = 4):
+    def __init__(self, handle, obs_dim: int, state_size: int, held: int = 3):
         self.handle, self.obs_dim, self.state_size = handle, obs_dim, state_size
-        self.nslots = slots             # > the batches the caller holds at once
+        self.held = held                # batches the caller may still be using when it asks again
+        self.ready: list[TrialBatch] = []   # sampled by the last request, not handed out yet
         self.shared: SharedSlots | None = None
         self.retired: list[SharedSlots] = []
         self.use_shared = True
@@ -59,20 +61,24 @@ class RayReplayClient:
             self.retired.append(self.shared)
             self.shared = None
 
-    def _slots(self, nbytes: int) -> SharedSlots:
+    def _slots(self, nbytes: int, per_request: int) -> SharedSlots:
         if self.shared is None or self.shared.slot_bytes < nbytes:
             self._retire()
-            self.shared = SharedSlots(self.nslots, nbytes)
+            self.shared = SharedSlots(self.held + per_request, nbytes)
         return self.shared
 
     def _sample_shared(self, B: int):
         """A batch in shared memory, None (rate limiter), or False: the server cannot reach
-        this process's memory (another node), use the object store."""
+        this process's memory (another node), use the object store.  One call to the server
+        fills up to ``TRIALS_PER_REQUEST / B`` slots; the batches are handed out one by one."""
+        if self.ready:
+            return self.ready.pop(0)
+        k = max(1, TRIALS_PER_REQUEST // B)
         guess = batch_layout(B, 64, 0, self.obs_dim, self.state_size)[1]
         for _ in range(3):
-            slots = self._slots(guess)
-            off = slots.take()
-            head = self._get(self.handle.sample_into.remote(B, slots.name, off, slots.slot_bytes),
+            slots = self._slots(guess, k)
+            offs = slots.peek(k)
+            head = self._get(self.handle.sample_into.remote(B, slots.name, offs, slots.slot_bytes),
                              SAMPLE_TIMEOUT_S)
             if head is None:
                 return None
@@ -89,9 +95,12 @@ class RayReplayClient:
             if not slots.opened:             # the server has it mapped: drop the name, so that
                 slots.unlink()               # nothing outlives the two processes
                 slots.opened = True
-            views = batch_views(slots.shm.buf, off, head["B"], head["T"], head["N"], self.obs_dim,
-                                self.state_size)
-            return TrialBatch(**views)
+            got = head["batches"]
+            slots.advance(len(got))
+            self.ready = [TrialBatch(**batch_views(slots.shm.buf, off, h["B"], h["T"], h["N"],
+                                                   self.obs_dim, self.state_size))
+                          for off, h in zip(offs, got)]
+            return self.ready.pop(0)
         return False
 
     def close(self) -> None:
@@ -117,9 +126,9 @@ def ray_fetch(handle: list) -> bytes:
         raise WeightsUnavailable(str(exc)) from None
 
 
-def _client(handle, spec: dict, slots: int = 4) -> RayReplayClient:
+def _client(handle, spec: dict, held: int = 3) -> RayReplayClient:
     ns = NetSpec(**spec)
-    return RayReplayClient(handle, ns.obs_dim, ns.state_size, slots)
+    return RayReplayClient(handle, ns.obs_dim, ns.state_size, held)
 
 
 class RayActorWorker(ActorWorker):
@@ -140,9 +149,9 @@ class RayActorWorker(ActorWorker):
 class RayLearnerWorker(LearnerWorker):
     def __init__(self, cfg: dict, spec: dict, replay, checkpoint: bytes | None = None,
                  publish_period: int = 10, prefetch: int = 2, version_floor: int = 0):
-        # slots per shard: its queued batches (at most the queue's size), the one in training and
-        # the one being filled
-        self._spec_d, self._slots = spec, prefetch + 2
+        # batches of one shard in use when its prefetch thread asks again: the queue's (at most
+        # its size) and the one in training
+        self._spec_d, self._slots = spec, prefetch + 1
         handles = replay if isinstance(replay, (list, tuple)) else [replay]
         super().__init__(cfg, spec, [_client(h, spec, self._slots) for h in handles], checkpoint,
                          publish_period, prefetch, version_floor, store=ray_store)
