@@ -138,7 +138,10 @@ def test_sweep_on_ray_runs_single_process_and_actor_trials_and_writes_results(ra
         assert abs(r["accuracy"] * r["eval_trials"] - round(r["accuracy"] * r["eval_trials"])) < 1e-6
         assert r["ceiling"] == pytest.approx(0.896, abs=0.02) and r["best_trivial"] is not None
         assert r["config"]["seed"] == r["seed"] and r["env_steps"] > 0 and r["commit"]
-        assert len(r["curve"]) >= 2
+        # one record per --print-freq / 1 % of the run; on Ray a fast actor can deliver the whole
+        # tiny run in one poll, so only the single-process row is sure to hold several points
+        assert r["curve"] and all(len(p) == 3 and 0 <= p[2] <= 1 for p in r["curve"])
+        assert len(r["curve"]) >= (2 if r["config"]["num_actors"] == 0 else 1)
         exp = Path(r["experiment"])
         assert exp.parent == spec.experiments_dir and (exp / "checkpoints" / "selected_model.pt").exists()
         assert "sweep trial" in (exp / "train.log").read_text()
