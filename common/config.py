@@ -222,6 +222,10 @@ class TrainConfig(ConfigBase):
     learn_plasticity: bool = opt(
         True, "learn eta and lambda by backprop (lambda clamped to [0, --lambda-max], eta floored "
         "at --eta-min-per-100ms); --no-learn-plasticity keeps them fixed (evidence: docs/defaults.md)")
+    plasticity_per_unit: bool = opt(
+        False, "one eta and one lambda per hidden unit instead of one pair for the layer; the "
+        "units' time constants of M start spread geometrically from --m-timescale-ms / 10 to "
+        "--m-timescale-ms")
     lambda_max: Optional[float] = opt(
         None, "upper bound of a learnable lambda per step; default: exp(-dt / "
         "--m-timescale-max-ms) (0.967 at dt 100, 0.9967 at dt 10)", low=0.0, high=1.0)

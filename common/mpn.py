@@ -72,7 +72,7 @@ class MPNCore(nn.Module):
     def __init__(self, obs_dim: int, hidden_dim: int, *, eta_per_step: float = 0.1,
                  lambda_per_step: float = 0.95, learn_plasticity: bool = False,
                  lambda_max_per_step: float = 0.99, input_bias: float = 1.0, time_scale: float = 1.0,
-                 eta_min_per_step: float | None = None):
+                 eta_min_per_step: float | None = None, per_unit: bool = False):
         super().__init__()
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0 (dt / 100 ms), got {time_scale}")
@@ -98,11 +98,22 @@ class MPNCore(nn.Module):
         bound = 1.0 / math.sqrt(self.in_dim)
         self.W = nn.Parameter(torch.empty(hidden_dim, self.in_dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(hidden_dim))
-        lam_100 = lambda_per_step ** (1.0 / self.time_scale)
+        # Shared: one η and one λ for the layer (0-d).  Per unit: one η and one λ per hidden unit
+        # ([H]); η starts equal everywhere and the units' time constants -1/ln λ start spread
+        # geometrically from a tenth of the one λ_per_step gives up to it (a bank of memories
+        # from short to long, each of which learns).
+        self.per_unit = bool(per_unit)
+        lam_100 = torch.tensor(float(lambda_per_step), dtype=torch.float64) ** (1.0 / self.time_scale)
+        if self.per_unit:
+            if 0 < float(lam_100) < 1:
+                tau = -1.0 / torch.log(lam_100) * torch.logspace(-1, 0, hidden_dim, dtype=torch.float64)
+                lam_100 = torch.exp(-1.0 / tau)
+            else:
+                lam_100 = lam_100.expand(hidden_dim).clone()
         if learn_plasticity:                 # a finite logit, so that λ can learn
-            lam_100 = min(max(lam_100, 1e-4), 1 - 1e-4)
-        eta_100 = torch.tensor(float(eta_per_step) / self.time_scale)
-        logit_100 = torch.logit(torch.tensor(lam_100, dtype=torch.float64)).float()   # ±inf: λ 1 or 0
+            lam_100 = lam_100.clamp(1e-4, 1 - 1e-4)
+        eta_100 = torch.full((hidden_dim,) if self.per_unit else (), float(eta_per_step) / self.time_scale)
+        logit_100 = torch.logit(lam_100).float()                           # ±inf: λ 1 or 0
         if learn_plasticity:
             self.eta_per_100ms = nn.Parameter(eta_100)
             self.lambda_logit_per_100ms = nn.Parameter(logit_100)
@@ -113,9 +124,10 @@ class MPNCore(nn.Module):
         self.project_()
 
     def plasticity(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(η, λ) per step, as 0-d tensors."""
+        """(η, λ) per step, one value per hidden unit ([H]; shared values repeated)."""
         s = self.time_scale
-        return self.eta_per_100ms * s, torch.sigmoid(self.lambda_logit_per_100ms) ** s
+        eta, lam = self.eta_per_100ms * s, torch.sigmoid(self.lambda_logit_per_100ms) ** s
+        return eta.expand(self.hidden_dim), lam.expand(self.hidden_dim)
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -176,11 +188,12 @@ class MPNCore(nn.Module):
         return torch.stack(hs, dim=1), M.reshape(B, self.state_size)
 
 
-def mpn_step_numpy(x: np.ndarray, M: np.ndarray, Wt: np.ndarray, b: np.ndarray, eta: float,
-                   lam: float, work: np.ndarray | None = None) -> np.ndarray:
+def mpn_step_numpy(x: np.ndarray, M: np.ndarray, Wt: np.ndarray, b: np.ndarray, eta, lam,
+                   work: np.ndarray | None = None) -> np.ndarray:
     """One MPN step for K envs, in place on M.
 
-    x [K,I] (already augmented), M [K,I,H] (updated in place), Wt [I,H] = Wᵀ, b [H].
+    x [K,I] (already augmented), M [K,I,H] (updated in place), Wt [I,H] = Wᵀ, b [H];
+    eta, lam: scalars or [H] (one value per hidden unit).
     Returns h [K,H].  Same maths as :meth:`MPNCore.forward`.
     """
     if work is None:
@@ -206,10 +219,10 @@ class MPNScan(torch.autograd.Function):
         gh_t   = ∂L/∂h_t + η · Σ_i x̃_{t,i} gM_t[i,:]              (h_t also feeds M_t)
         ga_t   = gh_t ⊙ (1 - h_t²)
         gM_{t-1} = λ · gM_t + x̃_t ⊗ (ga_t ⊙ Wᵀ-row)               (M_{t-1} feeds a_t and M_t)
-        ∂W[h,i] = Σ_{b,t} ga_t[h] x̃_{t,i} (1 + M_{t-1}[i,h]);  ∂b = Σ ga;  ∂η = Σ gM_t ⊙ x̃_t h_tᵀ;
-        ∂λ = Σ gM_t ⊙ M_{t-1}
+        ∂W[h,i] = Σ_{b,t} ga_t[h] x̃_{t,i} (1 + M_{t-1}[i,h]);  ∂b = Σ ga;
+        ∂η[h] = Σ_{b,t,i} (gM_t ⊙ x̃_t h_tᵀ)[i,h];  ∂λ[h] = Σ_{b,t,i} (gM_t ⊙ M_{t-1})[i,h]
 
-    Inputs: x [B,T,I] (augmented), M0 [B,I,H], Wt [I,H], b [H], eta, lam (0-d).
+    Inputs: x [B,T,I] (augmented), M0 [B,I,H], Wt [I,H], b [H], eta [H], lam [H].
     Outputs: h [B,T,H], M_T [B,I,H].
     """
 
@@ -244,9 +257,10 @@ class MPNScan(torch.autograd.Function):
         # ∂Wt[i,h] = Σ_{t,b} x[i] ga[h] (1 + M_{t-1}[i,h])
         g_Wt = xf.t() @ gaf + (torch.bmm(xf.unsqueeze(2), gaf.unsqueeze(1)) * Ms[:T].reshape(T * B, I, H)).sum(0)
         g_b = gaf.sum(0)
-        g_eta = (XG * hs).sum() if ctx.needs_input_grad[4] else None          # Σ gM_t ⊙ x_t h_tᵀ
-        g_lam = (G[1:] * Ms[:T]).sum() if ctx.needs_input_grad[5] else None   # Σ gM_t ⊙ M_{t-1}
-        return None, G[0].clone(), g_Wt, g_b, g_eta, g_lam
+        g_eta = (XG * hs).sum((0, 1)) if ctx.needs_input_grad[4] else None          # Σ gM_t ⊙ x_t h_tᵀ
+        g_lam = (G[1:] * Ms[:T]).sum((0, 1, 2)) if ctx.needs_input_grad[5] else None   # Σ gM_t ⊙ M_{t-1}
+        return (None, G[0].clone(), g_Wt, g_b, None if g_eta is None else g_eta.sum_to_size(eta.shape),
+                None if g_lam is None else g_lam.sum_to_size(lam.shape))
 
 
 def _scan_forward(x, M0, Wt, b, eta, lam, keep_states: bool):
@@ -256,7 +270,7 @@ def _scan_forward(x, M0, Wt, b, eta, lam, keep_states: bool):
     B, T, I = x.shape
     H = Wt.shape[1]
     xs = x.transpose(0, 1).contiguous()                    # time-major [T,B,I]
-    xe = xs * eta                                          # η x̃, for the Hebbian update
+    he = x.new_empty(B, H)                                 # η ⊙ h_t, for the Hebbian update
     Ms = x.new_empty((T + 1) if keep_states else 2, B, I, H)
     Ms[0].copy_(M0)
     hs = x.new_empty(T, B, H)
@@ -268,7 +282,8 @@ def _scan_forward(x, M0, Wt, b, eta, lam, keep_states: bool):
         torch.mul(M, Wt, out=MW)                           # (W ⊙ M), stored [I,H]
         pre = torch.baddbmm(xw[t].unsqueeze(1), xs[t].unsqueeze(1), MW)
         h = torch.tanh(pre.squeeze(1), out=hs[t])
-        torch.mul(M, lam, out=Ms[nxt]).addcmul_(xe[t].unsqueeze(2), h.unsqueeze(1))
+        torch.mul(h, eta, out=he)
+        torch.mul(M, lam, out=Ms[nxt]).addcmul_(xs[t].unsqueeze(2), he.unsqueeze(1))
     return xs, Ms, hs
 
 
@@ -276,7 +291,10 @@ def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tenso
              eta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused MPN sequence (see :class:`MPNScan`). x [B,T,I], M0 [B,I,H] -> (h [B,T,H], M_T).
 
-    Without gradients (target network, burn-in, evaluation) the per-step states are not kept."""
+    eta and lam are [H] (one value per hidden unit) or 0-d (shared).  Without gradients (target
+    network, burn-in, evaluation) the per-step states are not kept."""
+    H = Wt.shape[1]
+    eta, lam = eta.expand(H), lam.expand(H)
     cpu = _use_cpu_kernels(x)
     gpu = not cpu and _use_triton_kernels(x)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, M0, Wt, b, eta, lam))):
@@ -311,8 +329,8 @@ class MPNScanTriton(torch.autograd.Function):
         gM0, gWt, gb, geta, glam = mpn_triton.scan_backward(x, Ms, hs, Wt.detach(), eta.detach(),
                                                             lam.detach(), g_h, g_MT)
         return (None, gM0, gWt, gb,
-                geta.to(eta.dtype) if ctx.needs_input_grad[4] else None,
-                glam.to(lam.dtype) if ctx.needs_input_grad[5] else None)
+                geta.to(eta.dtype).sum_to_size(eta.shape) if ctx.needs_input_grad[4] else None,
+                glam.to(lam.dtype).sum_to_size(lam.shape) if ctx.needs_input_grad[5] else None)
 
 
 class MPNScanCPU(torch.autograd.Function):
@@ -327,7 +345,8 @@ class MPNScanCPU(torch.autograd.Function):
         Ms = x.new_empty(T + 1, B, I, H)
         hs = x.new_empty(T, B, H)
         mpn_numba.scan_forward(xs.numpy(), M0.detach().contiguous().numpy(), Wt.detach().contiguous().numpy(),
-                               b.detach().contiguous().numpy(), float(eta), float(lam), Ms.numpy(), hs.numpy())
+                               b.detach().contiguous().numpy(), _per_unit(eta, x, H), _per_unit(lam, x, H),
+                               Ms.numpy(), hs.numpy())
         ctx.save_for_backward(xs, Ms, hs, Wt, eta, lam)
         return hs.transpose(0, 1), Ms[T].clone()
 
@@ -342,12 +361,14 @@ class MPNScanCPU(torch.autograd.Function):
         gM0 = xs.new_empty(B, I, H)
         gWt = xs.new_zeros(I, H)
         gb = xs.new_zeros(H)
-        g_eta, g_lam = mpn_numba.scan_backward(
-            xs.numpy(), Ms.numpy(), hs.numpy(), Wt.detach().contiguous().numpy(), float(eta), float(lam),
-            g_hs.numpy(), g_MT.numpy(), gM0.numpy(), gWt.numpy(), gb.numpy())
-        ge = torch.tensor(g_eta, dtype=eta.dtype) if ctx.needs_input_grad[4] else None
-        gl = torch.tensor(g_lam, dtype=lam.dtype) if ctx.needs_input_grad[5] else None
-        return None, gM0, gWt, gb, ge, gl
+        ge = xs.new_zeros(H)
+        gl = xs.new_zeros(H)
+        mpn_numba.scan_backward(
+            xs.numpy(), Ms.numpy(), hs.numpy(), Wt.detach().contiguous().numpy(), _per_unit(eta, xs, H),
+            _per_unit(lam, xs, H), g_hs.numpy(), g_MT.numpy(), gM0.numpy(), gWt.numpy(), gb.numpy(),
+            ge.numpy(), gl.numpy())
+        return (None, gM0, gWt, gb, ge.to(eta.dtype).sum_to_size(eta.shape) if ctx.needs_input_grad[4] else None,
+                gl.to(lam.dtype).sum_to_size(lam.shape) if ctx.needs_input_grad[5] else None)
 
 
 def _use_cpu_kernels(x: torch.Tensor) -> bool:
@@ -369,5 +390,10 @@ def _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam):
     Ms = x.new_empty(2, B, I, H)
     hs = x.new_empty(T, B, H)
     mpn_numba.scan_forward(xs.numpy(), M0.contiguous().numpy(), Wt.contiguous().numpy(), b.contiguous().numpy(),
-                           float(eta), float(lam), Ms.numpy(), hs.numpy())
+                           _per_unit(eta, x, H), _per_unit(lam, x, H), Ms.numpy(), hs.numpy())
     return hs.transpose(0, 1), Ms[T % 2].clone()
+
+
+def _per_unit(v: torch.Tensor, like: torch.Tensor, H: int) -> np.ndarray:
+    """η or λ ([H], or 0-d) as a contiguous numpy [H] vector of ``like``'s dtype, for the kernels."""
+    return v.detach().to(like.dtype).expand(H).contiguous().numpy()

@@ -20,13 +20,14 @@ def _tanh(v):
 
 @numba.njit(cache=True, fastmath=False, nogil=True)
 def scan_forward(xs, M0, Wt, b, eta, lam, Ms, hs):
-    """xs [T,B,I]; M0 [B,I,H]; Wt [I,H]; b [H].  Writes Ms [T+1,B,I,H] (Ms[t] = state read by
+    """xs [T,B,I]; M0 [B,I,H]; Wt [I,H]; b, eta, lam [H].  Writes Ms [T+1,B,I,H] (Ms[t] = state read by
     step t) and hs [T,B,H].  (Ms may have leading size 2 to keep only ping-pong states.)"""
     T, B, I = xs.shape
     H = Wt.shape[1]
     keep = Ms.shape[0] == T + 1
     M = np.empty((I, H), dtype=xs.dtype)
     pre = np.empty(H, dtype=xs.dtype)
+    eh = np.empty(H, dtype=xs.dtype)
     for bb in range(B):
         M[:, :] = M0[bb]
         for t in range(T):
@@ -41,25 +42,24 @@ def scan_forward(xs, M0, Wt, b, eta, lam, Ms, hs):
                         pre[h] += xi * Wt[i, h] * (1.0 + M[i, h])
             for h in range(H):
                 hs[t, bb, h] = _tanh(pre[h])
+                eh[h] = eta[h] * hs[t, bb, h]
             for i in range(I):
-                exi = eta * xs[t, bb, i]
+                xi = xs[t, bb, i]
                 for h in range(H):
-                    M[i, h] = lam * M[i, h] + exi * hs[t, bb, h]
+                    M[i, h] = lam[h] * M[i, h] + xi * eh[h]
         if keep:
             Ms[T, bb] = M
         else:
             Ms[T % 2, bb] = M
 
 @numba.njit(cache=True, fastmath=False, nogil=True)
-def scan_backward(xs, Ms, hs, Wt, eta, lam, g_hs, g_MT, gM0, gWt, gb):
-    """Reverse pass.  g_hs [T,B,H]; g_MT [B,I,H] (∂L/∂M_T).  Writes gM0 [B,I,H], and
-    accumulates gWt [I,H], gb [H].  Returns (g_eta, g_lam)."""
+def scan_backward(xs, Ms, hs, Wt, eta, lam, g_hs, g_MT, gM0, gWt, gb, g_eta, g_lam):
+    """Reverse pass.  eta, lam [H]; g_hs [T,B,H]; g_MT [B,I,H] (∂L/∂M_T).  Writes gM0 [B,I,H],
+    and accumulates gWt [I,H], gb [H], g_eta [H], g_lam [H]."""
     T, B, I = xs.shape
     H = Wt.shape[1]
     G = np.empty((I, H), dtype=xs.dtype)
     ga = np.empty(H, dtype=xs.dtype)
-    g_eta = 0.0
-    g_lam = 0.0
     for bb in range(B):
         G[:, :] = g_MT[bb]
         for t in range(T - 1, -1, -1):
@@ -73,19 +73,18 @@ def scan_backward(xs, Ms, hs, Wt, eta, lam, g_hs, g_MT, gM0, gWt, gb):
                         ga[h] += xi * G[i, h]
             for h in range(H):
                 hv = hs[t, bb, h]
-                g_eta += ga[h] * hv
-                ga[h] = (g_hs[t, bb, h] + eta * ga[h]) * (1.0 - hv * hv)
+                g_eta[h] += ga[h] * hv
+                ga[h] = (g_hs[t, bb, h] + eta[h] * ga[h]) * (1.0 - hv * hv)
                 gb[h] += ga[h]
             for i in range(I):
                 xi = xs[t, bb, i]
                 for h in range(H):
                     m = Ms[t, bb, i, h]
-                    g_lam += G[i, h] * m
+                    g_lam[h] += G[i, h] * m
                     gxa = xi * ga[h]
                     gWt[i, h] += gxa * (1.0 + m)
-                    G[i, h] = lam * G[i, h] + gxa * Wt[i, h]
+                    G[i, h] = lam[h] * G[i, h] + gxa * Wt[i, h]
         gM0[bb] = G
-    return g_eta, g_lam
 
 
 
@@ -110,20 +109,23 @@ def _policy_pre(obs, M, Wt, b, input_bias, x_out, pre_out):
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
 def _policy_hebb(x, h, M, eta, lam):
-    """M <- λ M + η x̃ hᵀ, in place (M [K,I,H])."""
+    """M <- λ M + η x̃ hᵀ, in place (M [K,I,H]; η, λ [H]: one value per hidden unit)."""
     K, I, H = M.shape
+    eh = np.empty(H, dtype=M.dtype)
     for k in range(K):
+        for hh in range(H):
+            eh[hh] = eta[hh] * h[k, hh]
         for i in range(I):
-            exi = eta * x[k, i]
+            xi = x[k, i]
             for hh in range(H):
-                M[k, i, hh] = lam * M[k, i, hh] + exi * h[k, hh]
+                M[k, i, hh] = lam[hh] * M[k, i, hh] + xi * eh[hh]
 
 def policy_step(obs, M, Wt, b, eta, lam, input_bias, h_out, x_work):
     """One MPN step for K envs, the actor's hot path (same maths as ``mpn_step_numpy``).
 
     obs [K,O] raw observations (the constant channel ``input_bias`` is appended when it is
     non-zero, so I = O+1; otherwise I = O); M [K,I,H] float32, updated in place; Wt [I,H];
-    b [H].  Writes h [K,H] into ``h_out`` (x_work [K,I] is scratch).  Two compiled loops
+    b, eta, lam [H].  Writes h [K,H] into ``h_out`` (x_work [K,I] is scratch).  Two compiled loops
     around numpy's vectorised float32 tanh (a scalar tanh in the loop cost 2/3 of the step).
     """
     _policy_pre(obs, M, Wt, b, input_bias, x_work, h_out)

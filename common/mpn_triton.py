@@ -10,13 +10,13 @@ torch kernels per step of the eager scan (and ~5 per step of its backward).
 Forward (per step t, per unit h)::
 
     a_t[h] = b[h] + Σ_i x_t[i] · Wt[i,h] · (1 + M_{t-1}[i,h]);   h_t = tanh(a_t)
-    M_t[i,h] = λ M_{t-1}[i,h] + η x_t[i] h_t[h]
+    M_t[i,h] = λ[h] M_{t-1}[i,h] + η[h] x_t[i] h_t[h]
 
 With gradients the forward also writes every M_{t-1} (``Ms [B,T,I,H]``); the backward walks
 time in reverse with ∂L/∂M in registers and writes per-trial partial sums of ∂W, ∂b, ∂η, ∂λ,
 which are summed over the batch in torch (deterministic: no atomics).
 
-η and λ are read from device memory (0-d tensors), not baked in as constants, so a CUDA graph
+η and λ are read from device memory (one value per hidden unit), not baked in as constants, so a CUDA graph
 that captured these launches keeps using the current (learnable) values.
 
 Used automatically by :func:`common.mpn.mpn_scan` for float32 CUDA tensors when Triton is
@@ -80,8 +80,8 @@ if triton is not None:
         M = tl.load(m0_ptr + pid_b * I * H + ih, mask=ih_ok, other=0.0)
         Wt = tl.load(wt_ptr + ih, mask=ih_ok, other=0.0)
         bias = tl.load(b_ptr + offs_h, mask=h_ok, other=0.0)
-        eta = tl.load(eta_ptr)
-        lam = tl.load(lam_ptr)
+        eta = tl.load(eta_ptr + offs_h, mask=h_ok, other=0.0)[None, :]     # per unit [1,BH]
+        lam = tl.load(lam_ptr + offs_h, mask=h_ok, other=0.0)[None, :]
         for t in range(T):
             row = pid_b * T + t
             x = tl.load(x_ptr + row * I + offs_i, mask=i_ok, other=0.0)
@@ -102,8 +102,8 @@ if triton is not None:
         pid_b, offs_h, offs_i, h_ok, i_ok, ih_ok, ih = _program_tile(I, H, IP, BH)
         G = tl.load(gmt_ptr + pid_b * I * H + ih, mask=ih_ok, other=0.0)   # ∂L/∂M_t, t = T-1 first
         Wt = tl.load(wt_ptr + ih, mask=ih_ok, other=0.0)
-        eta = tl.load(eta_ptr)
-        lam = tl.load(lam_ptr)
+        eta = tl.load(eta_ptr + offs_h, mask=h_ok, other=0.0)             # per unit [BH]
+        lam = tl.load(lam_ptr + offs_h, mask=h_ok, other=0.0)[None, :]
         acc_w = tl.zeros((IP, BH), dtype=tl.float32)
         acc_l = tl.zeros((IP, BH), dtype=tl.float32)
         acc_b = tl.zeros((BH,), dtype=tl.float32)
@@ -151,13 +151,13 @@ def scan_forward(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.T
     Ms = x.new_empty(B, T, I, H) if keep_states else MT      # unused pointer without states
     grid = (B, triton.cdiv(H, bh))
     _scan_fwd_kernel[grid](x, M0.contiguous(), Wt.contiguous(), b.contiguous(),
-                           eta.reshape(1).to(x.dtype), lam.reshape(1).to(x.dtype), h, Ms, MT,
+                           _per_unit(eta, H, x), _per_unit(lam, H, x), h, Ms, MT,
                            T, I, H, STORE_STATES=keep_states, IP=ip, BH=bh, num_warps=4)
     return h, MT, (Ms if keep_states else None)
 
 
 def scan_backward(x, Ms, h, Wt, eta, lam, g_h, g_MT):
-    """Gradients of the scan: (∂M0 [B,I,H], ∂Wt [I,H], ∂b [H], ∂η, ∂λ) as tensors."""
+    """Gradients of the scan: (∂M0 [B,I,H], ∂Wt [I,H], ∂b [H], ∂η [H], ∂λ [H]) as tensors."""
     B, T, I = x.shape
     H = Wt.shape[1]
     ip, bh = _launch_shape(I, H)
@@ -170,7 +170,12 @@ def scan_backward(x, Ms, h, Wt, eta, lam, g_h, g_MT):
     geta = x.new_empty(B, H)
     grid = (B, triton.cdiv(H, bh))
     _scan_bwd_kernel[grid](x.contiguous(), Ms, h.contiguous(), g_h, g_MT, Wt.contiguous(),
-                           eta.reshape(1).to(x.dtype), lam.reshape(1).to(x.dtype),
+                           _per_unit(eta, H, x), _per_unit(lam, H, x),
                            gM0, gWt, gb, geta, glam,
                            T, I, H, IP=ip, BH=bh, num_warps=4)
-    return gM0, gWt.sum(0), gb.sum(0), geta.sum(), glam.sum()
+    return gM0, gWt.sum(0), gb.sum(0), geta.sum(0), glam.sum((0, 1))
+
+
+def _per_unit(v: torch.Tensor, H: int, x: torch.Tensor) -> torch.Tensor:
+    """η or λ as a contiguous [H] vector of x's dtype (a 0-d value is repeated)."""
+    return v.to(x.dtype).expand(H).contiguous()

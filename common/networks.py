@@ -43,6 +43,7 @@ class NetSpec:
     dueling: bool = False
     time_scale: float = 1.0           # dt / 100 ms (MPNCore stores η and λ per 100 ms of task time)
     eta_min: Optional[float] = None   # MPN: the floor of a learned η per step (None: no floor)
+    plasticity_per_unit: bool = False  # MPN: one η and λ per hidden unit instead of one for the layer
 
     @property
     def in_dim(self) -> int:
@@ -67,7 +68,7 @@ class NetSpec:
                    eta=cfg.effective_eta, lambda_decay=cfg.effective_lambda,
                    learn_plasticity=cfg.learn_plasticity, lambda_max=cfg.effective_lambda_max,
                    input_bias=cfg.input_bias, dueling=cfg.dueling, time_scale=cfg.dt / 100.0,
-                   eta_min=cfg.effective_eta_min)
+                   eta_min=cfg.effective_eta_min, plasticity_per_unit=cfg.plasticity_per_unit)
 
 
 class GatedCore(nn.Module):
@@ -115,7 +116,8 @@ class QNetwork(nn.Module):
             self.core = MPNCore(spec.obs_dim, spec.hidden_dim, eta_per_step=spec.eta,
                                 lambda_per_step=spec.lambda_decay, learn_plasticity=spec.learn_plasticity,
                                 lambda_max_per_step=spec.lambda_max, input_bias=spec.input_bias,
-                                time_scale=spec.time_scale, eta_min_per_step=spec.eta_min)
+                                time_scale=spec.time_scale, eta_min_per_step=spec.eta_min,
+                                per_unit=spec.plasticity_per_unit)
         elif spec.core in ("gru", "lstm"):
             self.core = GatedCore(spec.core, spec.obs_dim, spec.hidden_dim, spec.input_bias)
         else:
@@ -152,10 +154,10 @@ def export_params(net: QNetwork) -> dict[str, np.ndarray]:
     out = {}
     for name, t in net.state_dict().items():
         out[name] = t.detach().to("cpu", torch.float32).numpy().copy()
-    if net.spec.core == "mpn":                   # η and λ per step, as the actors' kernels use them
+    if net.spec.core == "mpn":                   # η and λ per step and unit, as the actors' kernels use them
         eta, lam = net.core.plasticity()
-        out["core.eta_value"] = np.asarray(float(eta.detach()), dtype=np.float32)
-        out["core.lambda_value"] = np.asarray(float(lam.detach()), dtype=np.float32)
+        out["core.eta_value"] = eta.detach().to("cpu", torch.float32).numpy().copy()
+        out["core.lambda_value"] = lam.detach().to("cpu", torch.float32).numpy().copy()
     return out
 
 
@@ -191,8 +193,9 @@ class NumpyPolicy:
         if s.core == "mpn":
             self.Wt = np.ascontiguousarray(p["core.W"].T)                # [I,H]
             self.b = p["core.b"]
-            self.eta = float(p["core.eta_value"])
-            self.lam = float(p["core.lambda_value"])
+            H = s.hidden_dim
+            self.eta = np.ascontiguousarray(np.broadcast_to(p["core.eta_value"], (H,)))
+            self.lam = np.ascontiguousarray(np.broadcast_to(p["core.lambda_value"], (H,)))
         else:
             self.w_ih_t = np.ascontiguousarray(p["core.cell.weight_ih"].T)   # [I, G*H]
             self.w_hh_t = np.ascontiguousarray(p["core.cell.weight_hh"].T)   # [H, G*H]
@@ -214,7 +217,7 @@ class NumpyPolicy:
                     self._h = np.empty((K, H), np.float32)
                     self._x = np.empty((K, s.in_dim), np.float32)
                 h = self._h
-                mpn_numba.policy_step(obs, M, self.Wt, self.b, np.float32(self.eta), np.float32(self.lam),
+                mpn_numba.policy_step(obs, M, self.Wt, self.b, self.eta, self.lam,
                             np.float32(s.input_bias), h, self._x)
             else:
                 if self._work is None or self._work.shape != M.shape:

@@ -372,7 +372,7 @@ def load_policy_params(exp: Experiment, checkpoint: str | None) -> tuple[NetSpec
 # the config fields that make a checkpoint's network: they must agree with the experiment's config
 NETWORK_FIELDS = ("env_name", "dt", "core", "hidden_dim", "dueling", "input_bias", "learn_plasticity",
                   "eta", "eta_per_100ms", "lambda_decay", "m_timescale_ms", "lambda_max",
-                  "m_timescale_max_ms", "eta_min_per_100ms")
+                  "m_timescale_max_ms", "eta_min_per_100ms", "plasticity_per_unit")
 # ... and those that make the replay snapshot's layout, which resume restores beside it
 REPLAY_FIELDS = ("buffer_size", "replay_init", "burn_in_steps", "replay_shards")
 

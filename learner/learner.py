@@ -181,8 +181,8 @@ class Learner:
     def plasticity(self) -> dict:
         if self.spec.core != "mpn":
             return {}
-        eta, lam = self.online.core.plasticity()
-        return {"eta": float(eta.detach()), "lambda": float(lam.detach())}
+        eta, lam = self.online.core.plasticity()        # per unit: the means over units
+        return {"eta": float(eta.detach().mean()), "lambda": float(lam.detach().mean())}
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

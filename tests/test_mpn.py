@@ -22,17 +22,19 @@ def _random_net(spec: NetSpec, seed: int = 0) -> QNetwork:
 
 
 @pytest.mark.parametrize("actor_kernel", ["numba", "numpy"])
-@pytest.mark.parametrize("core,learn,dueling,time_scale,bias", [
-    ("mpn", False, False, 1.0, 1.0), ("mpn", True, True, 1.0, 1.0), ("mpn", True, False, 0.1, 1.0),
-    ("mpn", False, False, 1.0, 0.0), ("gru", False, False, 1.0, 1.0), ("lstm", False, True, 1.0, 1.0)])
-def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling, time_scale, bias, actor_kernel,
-                                                   monkeypatch):
+@pytest.mark.parametrize("core,learn,dueling,time_scale,bias,per_unit", [
+    ("mpn", False, False, 1.0, 1.0, False), ("mpn", True, True, 1.0, 1.0, False),
+    ("mpn", True, False, 0.1, 1.0, False), ("mpn", False, False, 1.0, 0.0, False),
+    ("mpn", True, False, 1.0, 1.0, True), ("gru", False, False, 1.0, 1.0, False),
+    ("lstm", False, True, 1.0, 1.0, False)])
+def test_torch_and_numpy_agree_with_episode_resets(core, learn, dueling, time_scale, bias, per_unit,
+                                                   actor_kernel, monkeypatch):
     import mpn_dqn.common.networks as networks
     if actor_kernel == "numpy":
         monkeypatch.setattr(networks.NumpyPolicy, "use_kernel", False)
     spec = NetSpec(core=core, obs_dim=4, num_actions=3, hidden_dim=16, eta=0.3, lambda_decay=0.9,
                    learn_plasticity=learn, lambda_max=0.95, dueling=dueling, time_scale=time_scale,
-                   input_bias=bias)
+                   input_bias=bias, plasticity_per_unit=per_unit)
     net = _random_net(spec)
     rng = np.random.default_rng(1)
     K, T = 5, 40
@@ -95,16 +97,16 @@ def test_learnable_lambda_is_projected_into_range_and_eta_may_be_negative():
     core = MPNCore(3, 8, eta_per_step=-0.5, lambda_per_step=0.9, learn_plasticity=True,
                    lambda_max_per_step=0.95)
     eta, lam = core.plasticity()
-    assert float(eta.detach()) == pytest.approx(-0.5)
-    assert float(lam.detach()) == pytest.approx(0.9)
+    assert float(eta.detach()[0]) == pytest.approx(-0.5)
+    assert float(lam.detach()[0]) == pytest.approx(0.9)
     for logit in (50.0, -50.0):                     # as if an optimiser step had gone far out
         with torch.no_grad():
             core.lambda_logit_per_100ms.fill_(logit)
         core.project_()
-        assert 0.0 <= float(core.plasticity()[1].detach()) <= 0.95 + 1e-6
+        assert 0.0 <= float(core.plasticity()[1].detach()[0]) <= 0.95 + 1e-6
     # an initial λ above the bound starts on it
     high = MPNCore(3, 8, lambda_per_step=0.99, learn_plasticity=True, lambda_max_per_step=0.95)
-    assert float(high.plasticity()[1].detach()) == pytest.approx(0.95, rel=1e-6)
+    assert float(high.plasticity()[1].detach()[0]) == pytest.approx(0.95, rel=1e-6)
     assert {n for n, _ in core.named_parameters()} == {"W", "b", "eta_per_100ms", "lambda_logit_per_100ms"}
 
 
@@ -112,12 +114,12 @@ def test_fixed_plasticity_is_not_a_parameter_and_has_the_same_units():
     core = MPNCore(3, 8, eta_per_step=0.1, lambda_per_step=0.95)
     assert {n for n, _ in core.named_parameters()} == {"W", "b"}
     eta, lam = core.plasticity()
-    assert float(eta) == pytest.approx(0.1) and float(lam) == pytest.approx(0.95)
+    assert float(eta[0]) == pytest.approx(0.1) and float(lam[0]) == pytest.approx(0.95)
     fine = MPNCore(3, 8, eta_per_step=0.01, lambda_per_step=0.95 ** 0.1, time_scale=0.1)
     assert float(fine.eta_per_100ms) == pytest.approx(float(core.eta_per_100ms))
     assert float(fine.lambda_logit_per_100ms) == pytest.approx(float(core.lambda_logit_per_100ms), rel=1e-5)
     for lam in (0.0, 1.0):                           # no decay / no memory, exactly
-        assert float(MPNCore(3, 8, lambda_per_step=lam, time_scale=0.1).plasticity()[1]) == lam
+        assert float(MPNCore(3, 8, lambda_per_step=lam, time_scale=0.1).plasticity()[1][0]) == lam
 
 
 @pytest.mark.parametrize("learn", [False, True])
@@ -127,7 +129,7 @@ def test_a_checkpoint_with_the_old_parameter_names_loads_with_the_same_eta_and_l
     core = MPNCore(3, 8, eta_per_step=0.04, lambda_per_step=0.99, learn_plasticity=learn,
                    lambda_max_per_step=0.999, time_scale=0.1)
     sd = core.state_dict()
-    eta, lam = (float(v.detach()) for v in core.plasticity())
+    eta, lam = (float(v.detach()[0]) for v in core.plasticity())
     if learn:
         old = {"eta_param": sd["eta_per_100ms"], "lambda_logit": sd["lambda_logit_per_100ms"]}
     else:
@@ -135,7 +137,7 @@ def test_a_checkpoint_with_the_old_parameter_names_loads_with_the_same_eta_and_l
     other = MPNCore(3, 8, eta_per_step=0.3, lambda_per_step=0.5, learn_plasticity=learn,
                     lambda_max_per_step=0.999, time_scale=0.1)
     other.load_state_dict({"W": sd["W"], "b": sd["b"], **old})
-    e2, l2 = (float(v.detach()) for v in other.plasticity())
+    e2, l2 = (float(v.detach()[0]) for v in other.plasticity())
     assert e2 == pytest.approx(eta, rel=1e-6) and l2 == pytest.approx(lam, rel=1e-6)
 
 
@@ -151,10 +153,14 @@ def test_masked_steps_leave_the_state_unchanged():
     torch.testing.assert_close(s_masked[:1], s_tail, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("learn", [False, True])
-def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
+@pytest.mark.parametrize("learn,per_unit", [(False, False), (True, False), (True, True)])
+def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn, per_unit):
     torch.manual_seed(0)
-    core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn).double()
+    core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn,
+                   per_unit=per_unit).double()
+    if per_unit:                             # different η per unit too, so that a mix-up shows
+        with torch.no_grad():
+            core.eta_per_100ms.add_(0.2 * torch.randn(10, dtype=torch.float64))
     x = torch.randn(4, 15, 3, dtype=torch.float64)
     s0 = (0.2 * torch.randn(4, core.state_size, dtype=torch.float64)).requires_grad_()
     w = torch.randn(4, 15, 10, dtype=torch.float64)
@@ -171,10 +177,14 @@ def test_fused_scan_matches_the_step_loop_in_value_and_gradient(learn):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("learn", [False, True])
-def test_cpu_kernels_match_the_torch_scan(learn):
+@pytest.mark.parametrize("learn,per_unit", [(False, False), (True, False), (True, True)])
+def test_cpu_kernels_match_the_torch_scan(learn, per_unit):
     torch.manual_seed(1)
-    core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn).double()
+    core = MPNCore(3, 10, eta_per_step=0.3, lambda_per_step=0.8, learn_plasticity=learn,
+                   per_unit=per_unit).double()
+    if per_unit:                             # different η per unit too, so that a mix-up shows
+        with torch.no_grad():
+            core.eta_per_100ms.add_(0.2 * torch.randn(10, dtype=torch.float64))
     x = torch.randn(4, 15, 3, dtype=torch.float64)
     x[:, 5:8] = 0.0
     s0 = (0.2 * torch.randn(4, core.state_size, dtype=torch.float64)).requires_grad_()
@@ -207,8 +217,8 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
     fine = MPNCore(3, 8, eta_per_step=0.05, lambda_per_step=lam100 ** 0.1, learn_plasticity=True,
                    lambda_max_per_step=math.exp(-10 / 10000), time_scale=0.1)
     eta, lam = fine.plasticity()
-    assert float(eta.detach()) == pytest.approx(0.05, rel=1e-6)
-    assert float(lam.detach()) == pytest.approx(lam100 ** 0.1, rel=1e-6)
+    assert float(eta.detach()[0]) == pytest.approx(0.05, rel=1e-6)
+    assert float(lam.detach()[0]) == pytest.approx(lam100 ** 0.1, rel=1e-6)
     # the raw parameters coincide, so an optimiser step moves both the same way in task time
     assert float(fine.eta_per_100ms.detach()) == pytest.approx(float(coarse.eta_per_100ms.detach()), rel=1e-6)
     assert float(fine.lambda_logit_per_100ms.detach()) == pytest.approx(float(coarse.lambda_logit_per_100ms.detach()), rel=1e-5)
@@ -216,7 +226,7 @@ def test_learnable_plasticity_is_parameterised_per_100ms_of_task_time():
         for core in (coarse, fine):
             core.eta_per_100ms.add_(0.1)
             core.lambda_logit_per_100ms.add_(0.3)
-    (e1, l1), (e10, l10) = [[float(v.detach()) for v in c.plasticity()] for c in (coarse, fine)]
+    (e1, l1), (e10, l10) = [[float(v.detach()[0]) for v in c.plasticity()] for c in (coarse, fine)]
     assert e10 * 10 == pytest.approx(e1, rel=1e-5)          # η per 100 ms equal
     assert l10 ** 10 == pytest.approx(l1, rel=1e-5)         # decay per 100 ms equal
     with pytest.raises(ValueError, match="time_scale"):
@@ -233,7 +243,7 @@ def test_m_timescale_max_sets_the_bound_of_a_learnable_lambda():
     for _ in range(3):                                   # push λ up hard: projected under the bound
         core.lambda_logit_per_100ms.data += 50.0
         core.project_()
-        assert float(core.plasticity()[1].detach()) <= math.exp(-10 / 3000) + 1e-7
+        assert float(core.plasticity()[1].detach()[0]) <= math.exp(-10 / 3000) + 1e-7
     assert TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=3000.0,
                        lambda_max=0.999).effective_lambda_max == 0.999
     low = TrainConfig(env_name="DelayMatchSample-v0", dt=10, m_timescale_max_ms=500.0)
@@ -251,7 +261,7 @@ def test_the_bound_on_lambda_does_not_slow_its_learning_where_it_does_not_bind()
         core = MPNCore(3, 8, eta_per_step=0.5, lambda_per_step=0.95, learn_plasticity=True, lambda_max_per_step=lam_max)
         h, _ = core(x, core.initial_state(4))
         h.square().sum().backward()
-        assert float(core.plasticity()[1].detach()) == pytest.approx(0.95, rel=1e-6)
+        assert float(core.plasticity()[1].detach()[0]) == pytest.approx(0.95, rel=1e-6)
         grads.append(float(core.lambda_logit_per_100ms.grad))
     assert grads[0] != 0.0
     assert grads[0] == pytest.approx(grads[1], rel=1e-6)
@@ -280,7 +290,7 @@ def test_learner_projects_lambda_back_onto_its_bound_and_keeps_its_gradient():
         core.lambda_logit_per_100ms.fill_(top + 5.0)          # as if an optimiser step had overshot the bound
     learner.update(batch)
     assert float(core.lambda_logit_per_100ms) <= top + 1e-6
-    assert float(core.plasticity()[1].detach()) <= 0.96 + 1e-6
+    assert float(core.plasticity()[1].detach()[0]) <= 0.96 + 1e-6
     core.zero_grad()
     with torch.no_grad():
         core.lambda_logit_per_100ms.fill_(top)                # exactly at the bound
@@ -305,7 +315,7 @@ def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
         core.eta_per_100ms.fill_(-0.3)                  # as if an optimiser step had gone below the floor
     learner.update(batch)
     assert float(core.eta_per_100ms) >= 0.1 - 1e-6      # projected: the floor per 100 ms
-    assert float(core.plasticity()[0].detach()) >= 0.01 - 1e-7
+    assert float(core.plasticity()[0].detach()[0]) >= 0.01 - 1e-7
     core.zero_grad()
     with torch.no_grad():
         core.eta_per_100ms.fill_(0.1)                   # exactly at the floor
@@ -316,3 +326,25 @@ def test_learner_projects_eta_back_onto_its_floor_and_keeps_its_gradient():
     with pytest.raises(ConfigError, match="eta-min-per-100ms"):
         TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=1.0)
     TrainConfig(env_name="DelayMatchSample-v0", dt=10, eta_min_per_100ms=1.0, learn_plasticity=False)
+
+
+def test_per_unit_plasticity_gives_each_unit_its_own_eta_and_lambda():
+    """Time constants start spread geometrically from a tenth of the given one up to it; a unit's
+    η and λ act on its own column of M only, and each learns from its own gradient."""
+    core = MPNCore(2, 5, eta_per_step=0.3, lambda_per_step=0.9, learn_plasticity=True, per_unit=True)
+    eta, lam = (v.detach().double() for v in core.plasticity())
+    assert eta.shape == lam.shape == (5,)
+    assert torch.allclose(eta, torch.full((5,), 0.3, dtype=torch.float64), atol=1e-6)
+    tau = -1.0 / torch.log(lam)
+    torch.testing.assert_close(tau[-1], -1.0 / torch.log(torch.tensor(0.9, dtype=torch.float64)),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(tau / tau[-1], torch.logspace(-1, 0, 5, dtype=torch.float64),
+                               rtol=1e-4, atol=0)
+    shared = MPNCore(2, 5, eta_per_step=0.3, lambda_per_step=0.9, learn_plasticity=True)
+    assert shared.eta_per_100ms.shape == () and core.eta_per_100ms.shape == (5,)
+    x = torch.randn(3, 6, 2)
+    h, _ = core(x, core.initial_state(3))
+    h[..., 2].sum().backward()               # only unit 2's output: only unit 2's plasticity learns
+    g_eta, g_lam = core.eta_per_100ms.grad, core.lambda_logit_per_100ms.grad
+    assert g_eta[2] != 0 and g_lam[2] != 0
+    assert torch.count_nonzero(g_eta) == 1 and torch.count_nonzero(g_lam) == 1

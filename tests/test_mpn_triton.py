@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent("""
            0.3 * torch.randn(B, I, H, generator=g, dtype=torch.float64),
            torch.randn(I, H, generator=g, dtype=torch.float64) / 2,
            0.1 * torch.randn(H, generator=g, dtype=torch.float64),
-           torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)]
+           0.4 + 0.1 * torch.randn(H, generator=g, dtype=torch.float64),     # η and λ per unit
+           0.9 - 0.1 * torch.rand(H, generator=g, dtype=torch.float64)]
     ref = [t.requires_grad_(True) for t in ref]
     tri = [t.detach().float().requires_grad_(True) for t in ref]
     g_h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
