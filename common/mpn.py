@@ -345,8 +345,8 @@ class MPNScanCPU(torch.autograd.Function):
         Ms = x.new_empty(T + 1, B, I, H)
         hs = x.new_empty(T, B, H)
         mpn_numba.scan_forward(xs.numpy(), M0.detach().contiguous().numpy(), Wt.detach().contiguous().numpy(),
-                               b.detach().contiguous().numpy(), _per_unit(eta, x, H), _per_unit(lam, x, H),
-                               Ms.numpy(), hs.numpy())
+                               b.detach().contiguous().numpy(), per_unit_vector(eta, H, x).numpy(),
+                               per_unit_vector(lam, H, x).numpy(), Ms.numpy(), hs.numpy())
         ctx.save_for_backward(xs, Ms, hs, Wt, eta, lam)
         return hs.transpose(0, 1), Ms[T].clone()
 
@@ -364,9 +364,9 @@ class MPNScanCPU(torch.autograd.Function):
         ge = xs.new_zeros(H)
         gl = xs.new_zeros(H)
         mpn_numba.scan_backward(
-            xs.numpy(), Ms.numpy(), hs.numpy(), Wt.detach().contiguous().numpy(), _per_unit(eta, xs, H),
-            _per_unit(lam, xs, H), g_hs.numpy(), g_MT.numpy(), gM0.numpy(), gWt.numpy(), gb.numpy(),
-            ge.numpy(), gl.numpy())
+            xs.numpy(), Ms.numpy(), hs.numpy(), Wt.detach().contiguous().numpy(),
+            per_unit_vector(eta, H, xs).numpy(), per_unit_vector(lam, H, xs).numpy(), g_hs.numpy(),
+            g_MT.numpy(), gM0.numpy(), gWt.numpy(), gb.numpy(), ge.numpy(), gl.numpy())
         return (None, gM0, gWt, gb, ge.to(eta.dtype).sum_to_size(eta.shape) if ctx.needs_input_grad[4] else None,
                 gl.to(lam.dtype).sum_to_size(lam.shape) if ctx.needs_input_grad[5] else None)
 
@@ -390,10 +390,12 @@ def _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam):
     Ms = x.new_empty(2, B, I, H)
     hs = x.new_empty(T, B, H)
     mpn_numba.scan_forward(xs.numpy(), M0.contiguous().numpy(), Wt.contiguous().numpy(), b.contiguous().numpy(),
-                           _per_unit(eta, x, H), _per_unit(lam, x, H), Ms.numpy(), hs.numpy())
+                           per_unit_vector(eta, H, x).numpy(), per_unit_vector(lam, H, x).numpy(),
+                           Ms.numpy(), hs.numpy())
     return hs.transpose(0, 1), Ms[T % 2].clone()
 
 
-def _per_unit(v: torch.Tensor, like: torch.Tensor, H: int) -> np.ndarray:
-    """η or λ ([H], or 0-d) as a contiguous numpy [H] vector of ``like``'s dtype, for the kernels."""
-    return v.detach().to(like.dtype).expand(H).contiguous().numpy()
+def per_unit_vector(v: torch.Tensor, H: int, like: torch.Tensor) -> torch.Tensor:
+    """η or λ ([H], or 0-d: repeated) as a contiguous [H] tensor of ``like``'s dtype, as the
+    numba and Triton kernels read them."""
+    return v.detach().to(like.dtype).expand(H).contiguous()

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from mpn_dqn.common.mpn import per_unit_vector
+
 try:  # Triton is optional: without it the eager torch scan runs on the GPU
     import triton
     import triton.language as tl
@@ -151,7 +153,7 @@ def scan_forward(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.T
     Ms = x.new_empty(B, T, I, H) if keep_states else MT      # unused pointer without states
     grid = (B, triton.cdiv(H, bh))
     _scan_fwd_kernel[grid](x, M0.contiguous(), Wt.contiguous(), b.contiguous(),
-                           _per_unit(eta, H, x), _per_unit(lam, H, x), h, Ms, MT,
+                           per_unit_vector(eta, H, x), per_unit_vector(lam, H, x), h, Ms, MT,
                            T, I, H, STORE_STATES=keep_states, IP=ip, BH=bh, num_warps=4)
     return h, MT, (Ms if keep_states else None)
 
@@ -170,12 +172,8 @@ def scan_backward(x, Ms, h, Wt, eta, lam, g_h, g_MT):
     geta = x.new_empty(B, H)
     grid = (B, triton.cdiv(H, bh))
     _scan_bwd_kernel[grid](x.contiguous(), Ms, h.contiguous(), g_h, g_MT, Wt.contiguous(),
-                           _per_unit(eta, H, x), _per_unit(lam, H, x),
+                           per_unit_vector(eta, H, x), per_unit_vector(lam, H, x),
                            gM0, gWt, gb, geta, glam,
                            T, I, H, IP=ip, BH=bh, num_warps=4)
     return gM0, gWt.sum(0), gb.sum(0), geta.sum(0), glam.sum((0, 1))
 
-
-def _per_unit(v: torch.Tensor, H: int, x: torch.Tensor) -> torch.Tensor:
-    """η or λ as a contiguous [H] vector of x's dtype (a 0-d value is repeated)."""
-    return v.to(x.dtype).expand(H).contiguous()
