@@ -124,6 +124,7 @@ class ConfigBase:
         if missing:
             raise ConfigError(f"config {path} lacks {', '.join(missing)}; it was not written by "
                               "train-neurogym (restore it, or start a new experiment)")
+        data.setdefault("plasticity_per_unit", False)  # a config without the key ran one pair
         return cls.from_dict(data)
 
     @classmethod
@@ -223,9 +224,10 @@ class TrainConfig(ConfigBase):
         True, "learn eta and lambda by backprop (lambda clamped to [0, --lambda-max], eta floored "
         "at --eta-min-per-100ms); --no-learn-plasticity keeps them fixed (evidence: docs/defaults.md)")
     plasticity_per_unit: bool = opt(
-        False, "one eta and one lambda per hidden unit instead of one pair for the layer; the "
+        True, "one eta and one lambda per hidden unit (learned with --learn-plasticity); the "
         "units' time constants of M start spread geometrically from --m-timescale-ms / 10 to "
-        "--m-timescale-ms")
+        "--m-timescale-ms; --no-plasticity-per-unit: one pair for the layer (evidence: "
+        "docs/defaults.md)")
     lambda_max: Optional[float] = opt(
         None, "upper bound of a learnable lambda per step; default: exp(-dt / "
         "--m-timescale-max-ms) (0.967 at dt 100, 0.9967 at dt 10)", low=0.0, high=1.0)

@@ -15,6 +15,7 @@ import torch
 
 from mpn_dqn.common.config import TrainConfig
 from mpn_dqn.driver.cli.parser import main
+from mpn_dqn.driver.experiment import payload_digest
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -398,3 +399,36 @@ def test_the_replay_staleness_diagnostic_is_opt_in_and_leaves_training_draws_alo
     assert not any(r.get("staleness_q_gap") is not None for r in runs["off"])
     assert any(r.get("staleness_q_gap") is not None for r in runs["on"])
     assert [r["loss"] for r in runs["off"]] == [r["loss"] for r in runs["on"]]
+
+
+def test_an_experiment_whose_files_lack_plasticity_per_unit_loads_as_one_pair(tmp_path, capsys):
+    """Config and checkpoints without the key describe an MPN with one η and λ for the layer:
+    eval and resume build that network, not the per-unit default."""
+    root = tmp_path / "exps"
+    assert main([*TRAIN, "--num-episodes", "10", "--no-plasticity-per-unit",
+                 "--experiments-dir", str(root), "--experiment-name", "pair"]) == 0
+    exp = root / "pair"
+    cfg = json.loads((exp / "config.json").read_text())
+    assert cfg.pop("plasticity_per_unit") is False
+    (exp / "config.json").write_text(json.dumps(cfg))
+    for path in (exp / "checkpoints").glob("*.pt"):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck["config"].pop("plasticity_per_unit", None)
+        ck["spec"].pop("plasticity_per_unit", None)
+        assert ck["learner"]["online"]["core.eta_per_100ms"].numel() == 1
+        ck["sha256"] = payload_digest({k: v for k, v in ck.items() if k != "sha256"})
+        torch.save(ck, path)
+    assert TrainConfig.load(str(exp / "config.json")).plasticity_per_unit is False
+    capsys.readouterr()
+    rc = main(["eval", "--experiments-dir", str(root), "--experiment-name", "pair",
+               "--num-eval-episodes", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert main(["resume", "--experiments-dir", str(root), "--experiment-name", "pair",
+                 "--num-episodes", "30"]) == 0
+
+
+def test_per_unit_plasticity_is_the_default(trained):
+    ck = torch.load(trained / "checkpoints" / "final_model.pt", map_location="cpu", weights_only=True)
+    assert ck["config"]["plasticity_per_unit"] is True and ck["spec"]["plasticity_per_unit"] is True
+    assert ck["learner"]["online"]["core.eta_per_100ms"].shape == (16,)
