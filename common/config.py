@@ -28,11 +28,10 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-        low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
-        cli: bool = True) -> Any:
+        low_open: bool = False, choices: tuple | None = None) -> Any:
     """A config field with its help text and allowed range (used for validation and --help)."""
     return field(default=default, metadata=dict(help=help, low=low, high=high, low_open=low_open,
-                                                high_open=high_open, choices=choices, cli=cli))
+                                                choices=choices))
 
 
 def _check_field(obj: Any, f: dataclasses.Field) -> None:
@@ -65,9 +64,8 @@ def _check_field(obj: Any, f: dataclasses.Field) -> None:
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
         rel = ">" if meta.get("low_open") else ">="
         raise ConfigError(f"{flag} must be {rel} {low}; got {value!r}")
-    if high is not None and (value > high or (meta.get("high_open") and value == high)):
-        rel = "<" if meta.get("high_open") else "<="
-        raise ConfigError(f"{flag} must be {rel} {high}; got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{flag} must be <= {high}; got {value!r}")
 
 
 def _is_optional(f: dataclasses.Field) -> bool:
@@ -81,88 +79,6 @@ def _base_type(f: dataclasses.Field) -> type:
         if s == name or s == f"Optional[{name}]" or s == f"{name} | None":
             return t
     raise TypeError(f"config field {f.name} has unsupported type {f.type}")
-
-
-class ConfigBase:
-    """Validation, JSON and CLI generation shared by the config dataclasses."""
-
-    def validate(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            _check_field(self, f)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(names)}")
-        return cls(**data)
-
-    @classmethod
-    def load(cls, path: str):
-        try:
-            with open(path) as fh:
-                data = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} is not a JSON object of options (got {type(data).__name__})")
-        missing = [k for k in ("env_name", "dt", "core", "hidden_dim", "seed") if k not in data]
-        if missing:
-            raise ConfigError(f"config {path} lacks {', '.join(missing)}; it was not written by "
-                              "train-neurogym (restore it, or start a new experiment)")
-        data.setdefault("plasticity_per_unit", False)  # a config without the key ran one pair
-        return cls.from_dict(data)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, *, skip: tuple = (),
-                      suppress_defaults: bool = False) -> None:
-        """Add one ``--flag`` per field.  With ``suppress_defaults`` unset flags are absent
-        from the namespace (used by ``resume`` to override only what the user typed)."""
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name in skip or not f.metadata.get("cli", True):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            base = _base_type(f)
-            help_text = f.metadata.get("help", "")
-            default = f.default
-            if default is not dataclasses.MISSING:
-                help_text += f" (default: {default})"
-            kw: dict = dict(dest=f.name, help=help_text)
-            if suppress_defaults:
-                kw["default"] = argparse.SUPPRESS
-            else:
-                kw["default"] = default
-            if base is bool:
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-                continue
-            kw["type"] = _none_or(base) if _is_optional(f) else base
-            if f.metadata.get("choices"):
-                kw["choices"] = f.metadata["choices"]
-            kw["metavar"] = base.__name__.upper() if not f.metadata.get("choices") else None
-            if kw["metavar"] is None:
-                del kw["metavar"]
-            parser.add_argument(flag, **kw)
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace, **overrides):
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        data = {k: v for k, v in vars(ns).items() if k in names}
-        data.update(overrides)
-        return cls(**data)
 
 
 def _none_or(base: type):
@@ -184,7 +100,7 @@ def random_experiment_name(rng: random.Random | None = None) -> str:
 
 
 @dataclass
-class TrainConfig(ConfigBase):
+class TrainConfig:
     """Everything ``train-neurogym`` needs.  Field ``foo_bar`` is the CLI option ``--foo-bar``."""
 
     # --- task ---
@@ -339,7 +255,8 @@ class TrainConfig(ConfigBase):
     plot_training: bool = opt(False, "write plots/training_curves.png")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        for f in fields(self):
+            _check_field(self, f)
         if self.dt is None:
             from mpn_dqn.common.tasks import TaskError, UnknownTaskError, native_dt
             try:
@@ -386,9 +303,7 @@ class TrainConfig(ConfigBase):
 
     @property
     def effective_num_actors(self) -> int:
-        if self.num_actors is not None:
-            return self.num_actors
-        return max(1, (os.cpu_count() or 2) - 1)
+        return self.num_actors if self.num_actors is not None else max(1, (os.cpu_count() or 2) - 1)
 
     @property
     def effective_eta(self) -> float:
@@ -397,15 +312,11 @@ class TrainConfig(ConfigBase):
     @property
     def effective_eta_min(self) -> Optional[float]:
         """The floor of a learnable η per step (None: no floor)."""
-        if self.eta_min_per_100ms is None:
-            return None
-        return self.eta_min_per_100ms * self.dt / 100.0
+        return None if self.eta_min_per_100ms is None else self.eta_min_per_100ms * self.dt / 100.0
 
     @property
     def effective_lambda(self) -> float:
-        if self.lambda_decay is not None:
-            return self.lambda_decay
-        return math.exp(-self.dt / self.m_timescale_ms)
+        return self.lambda_decay if self.lambda_decay is not None else math.exp(-self.dt / self.m_timescale_ms)
 
     @property
     def effective_lambda_max(self) -> float:
@@ -415,21 +326,72 @@ class TrainConfig(ConfigBase):
 
     @property
     def effective_plain_step_weight(self) -> float:
-        if self.td_step_weighting == "uniform":
-            return 1.0
-        return min(1.0, self.dt / 100.0)
+        return 1.0 if self.td_step_weighting == "uniform" else min(1.0, self.dt / 100.0)
 
     @property
     def effective_n_step(self) -> int:
-        if self.n_step is not None:
-            return self.n_step
-        return max(1, int(round(self.n_step_ms / self.dt)))
+        return self.n_step if self.n_step is not None else max(1, int(round(self.n_step_ms / self.dt)))
 
     @property
     def effective_gamma(self) -> float:
-        if self.gamma is not None:
-            return self.gamma
-        return math.exp(-self.dt / self.discount_horizon_ms)
+        return self.gamma if self.gamma is not None else math.exp(-self.dt / self.discount_horizon_ms)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str) -> "TrainConfig":
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} is not a JSON object of options (got {type(data).__name__})")
+        missing = [k for k in ("env_name", "dt", "core", "hidden_dim", "seed") if k not in data]
+        if missing:
+            raise ConfigError(f"config {path} lacks {', '.join(missing)}; it was not written by "
+                              "train-neurogym (restore it, or start a new experiment)")
+        data.setdefault("plasticity_per_unit", False)  # a config without the key ran one pair
+        return cls.from_dict(data)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per field."""
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            base = _base_type(f)
+            kw: dict = dict(dest=f.name, default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+            if base is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+                continue
+            kw["type"] = _none_or(base) if _is_optional(f) else base
+            if f.metadata["choices"]:
+                kw["choices"] = f.metadata["choices"]
+            else:
+                kw["metavar"] = base.__name__.upper()
+            parser.add_argument(flag, **kw)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
 def check_experiment_name(name: str) -> None:
