@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from mpn_dqn.driver.observe.telemetry import Telemetry, heartbeat_alive, read_heartbeat, write_json_atomic
+from mpn_dqn.driver.runtime.ray_cluster import kill_quietly
 
 CONTROL_FILE = "control.json"
 CONTROL_RESULT_FILE = "control_result.json"
@@ -53,7 +54,8 @@ def read_json(path: Path) -> dict | None:
 class LiveControlMixin:
     """Scaling, heartbeat and telemetry for DistributedTrainer (see the module docstring).
     Expects the trainer's attributes: cfg, exp, log, counters, actors, inflight, weights,
-    target_episodes, and its methods add_actor() and _on_chunk(i, summary)."""
+    target_episodes, and its methods add_actor(), _on_chunk(i, summary) and
+    _record_acked(i, summary)."""
 
     # -- set-up / tear-down ----------------------------------------------------------------------
     def _live_start(self) -> None:
@@ -234,18 +236,12 @@ class LiveControlMixin:
                         summary = None
                     if summary is not None:
                         self._on_chunk(i, summary)         # its trials and episodes count
-                        acked = getattr(self, "acked", None)
-                        if acked is not None and "acked" in summary:   # RecoveryMixin's ledger
-                            inc = getattr(self, "incarnation", {}).get(i, 0)
-                            acked[(i, inc)] = {int(e): int(k) for e, k in summary["acked"]}
+                        self._record_acked(i, summary)     # RecoveryMixin's ledger
                         if summary.get("pending") and hasattr(actor, "drain"):
                             d.update(ref=actor.drain.remote(DRAIN_TIMEOUT_S / 2), stage="drain",
                                      since=time.time())
                             continue
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            kill_quietly(actor)
             self.actors[i] = None
             del self._draining[i]
             self.log(f"Actor {i} removed ({self.active_actor_count()} actors now)")

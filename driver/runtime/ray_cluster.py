@@ -115,6 +115,15 @@ def check_capacity(num_actors: int, learner_cpus: int = 1) -> None:
                            f"but the Ray cluster has {cpus:g}; use fewer --num-actors or add nodes")
 
 
+def kill_quietly(handle) -> None:
+    """``ray.kill(handle)``; a role that is already gone is fine."""
+    import ray
+    try:
+        ray.kill(handle)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
 def epsilon_spread(actors: list, draining) -> dict[int, tuple[int, int]]:
     """(rank, count) of each active actor (not None, not draining) for the Ape-X ε spread:
     ranks 0..n-1 over the actors that run now, so that after ``scale`` the n actors span the

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from mpn_dqn.driver.experiment import CheckpointError, Experiment
+from mpn_dqn.driver.runtime.ray_cluster import actor_scheduling, epsilon_spread, kill_quietly
 from mpn_dqn.replay.snapshot import SnapshotError, read_snapshot_file
 
 SNAPSHOT_NAME = "replay_snapshot.npz"
@@ -79,7 +80,6 @@ class RecoveryMixin:
         self.actor_restarts = 0
         self.replay_restarts = 0
         self.learner_restarts = 0
-        self.replay_snapshots = 0
         self.fault_hooks: list = []              # callables(trainer), run each loop turn (tests)
         self.incarnation: dict[int, int] = {}    # actor index -> restarts of that index
         self.acked: dict[tuple, dict] = {}       # (index, incarnation) -> {epoch: trials acked}
@@ -100,11 +100,6 @@ class RecoveryMixin:
         if bar is not None:
             bar.clear()
         self.log(msg)
-
-    @property
-    def replay(self):
-        """The first replay server (the only one without ``--replay-shards``)."""
-        return self.replays[0]
 
     def _new_replay(self, shard: int):
         from mpn_dqn.replay.server import ReplayServer
@@ -194,24 +189,23 @@ class RecoveryMixin:
             return None
         self.chunk_errors[i] = 0
         summary = msgpack.unpackb(raw, raw=False)
-        self.acked[(i, self.incarnation.get(i, 0))] = {int(e): int(n)
-                                                        for e, n in summary.get("acked", [])}
-        if summary.get("replay_down"):
-            self._check_replay()
+        self._record_acked(i, summary)
+        if summary.get("replay_down"):           # an actor could not reach it: restart it if dead
+            self._replay_get("stats", timeout=30)
         return summary
 
+    def _record_acked(self, i: int, summary: dict) -> None:
+        """Actor ``i``'s acknowledged trials per replay epoch (for :meth:`replay_trials_lost`)."""
+        self.acked[(i, self.incarnation.get(i, 0))] = {int(e): int(n)
+                                                        for e, n in summary.get("acked", [])}
+
     def _submit(self, i: int) -> None:
-        from mpn_dqn.driver.runtime.ray_cluster import epsilon_spread
         spread = epsilon_spread(self.actors, getattr(self, "_draining", {})).get(i)
         self.inflight[self.actors[i].run_chunk.remote(self.counters.env_steps, self.weights,
                                                       spread=spread)] = i
 
     def _replace_actor(self, i: int) -> None:
-        import ray
-        try:
-            ray.kill(self.actors[i])
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        kill_quietly(self.actors[i])
         now = time.time()
         recent = [t for t in self.restart_times.get(i, []) if now - t < RESTART_WINDOW_S] + [now]
         self.restart_times[i] = recent
@@ -221,10 +215,8 @@ class RecoveryMixin:
         self.actor_restarts += 1
         inc = self.incarnation[i] = self.incarnation.get(i, 0) + 1
         params_msg = self._params_msg()
-        from mpn_dqn.driver.runtime.ray_cluster import actor_scheduling
         self.actors[i] = self.actor_cls.options(scheduling_strategy=actor_scheduling()).remote(
-            self.cfg_d, self.spec_d, i,
-            max(1, getattr(self.cfg, "effective_num_actors", self.cfg.num_actors)),
+            self.cfg_d, self.spec_d, i, max(1, self.cfg.effective_num_actors),
             self.replays[i % len(self.replays)], params_msg,
             7919 * self.counters.episodes + 104_729 * i + 15_485_863 * inc)
         self.actor_versions[i] = self.weights[0]
@@ -233,17 +225,10 @@ class RecoveryMixin:
                    f"(actor restarts: {self.actor_restarts})")
 
     # -- replay server ---------------------------------------------------------------------------
-    def _check_replay(self) -> None:
-        """An actor could not reach the replay server: restart it if it is dead."""
-        self._replay_get("stats", timeout=30)
-
     def _restart_replay(self, shard: int = 0) -> None:
         import ray
         dead = self.shard_epoch[shard]
-        try:
-            ray.kill(self.replays[shard])
-        except Exception:  # noqa: BLE001
-            pass
+        kill_quietly(self.replays[shard])
         self.shard_epoch[shard], self.next_epoch = self.next_epoch, self.next_epoch + 1
         self.replays[shard] = handle = self._new_replay(shard)
         path = self.snap_paths[shard]
@@ -281,10 +266,7 @@ class RecoveryMixin:
     # -- learner ---------------------------------------------------------------------------------
     def _restart_learner(self) -> None:
         import ray
-        try:
-            ray.kill(self.learner)
-        except Exception:  # noqa: BLE001
-            pass
+        kill_quietly(self.learner)
         floor = max([int(self.weights[0]), *[int(v) for v in self.actor_versions]])
         self.learner = self.learner_cls.remote(self.cfg_d, self.spec_d, list(self.replays), self.ck_bytes,
                                                version_floor=floor)
