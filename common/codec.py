@@ -146,23 +146,11 @@ def _pack_array(a: Any, wire: np.dtype) -> dict:
     else:
         arr = np.asarray(a, dtype=wire, order="C")   # (ascontiguousarray would make 0-d 1-d)
     # msgpack writes the shape tuple as an array, exactly as a list
-    return {"dtype": _WIRE_STR[wire], "shape": arr.shape, "data": arr.tobytes()}
-
-
-_WIRE_STR = {_F4: _F4.str, _I8: _I8.str, _B1: _B1.str}
+    return {"dtype": wire.str, "shape": arr.shape, "data": arr.tobytes()}
 
 # one C-level call gathers every field a message needs from a trial
 _GATHER = operator.attrgetter("obs", "actions", "rewards", "gt", "init_state", "burnin_obs",
                               "burnin_state", "correct", *_INT_FIELDS)
-
-
-def _column(arr: np.ndarray, wire: np.dtype) -> dict:
-    """A column's array map.  The data goes to msgpack as the column's buffer (msgpack writes
-    a C-contiguous buffer as bin, exactly the bytes ``tobytes()`` would give, and refuses any
-    other), so each column is copied once, into the message."""
-    if arr.dtype != wire:
-        arr = arr.astype(wire)                   # (never for the columns built here)
-    return {"dtype": wire.str, "shape": arr.shape, "data": arr.data}
 
 
 def _concat(parts: tuple | list, wire: np.dtype, name: str) -> np.ndarray:
@@ -194,13 +182,7 @@ def encode_trials(trials: Iterable[Trial]) -> bytes:
     n = len(trials)
     cols: dict[str, np.ndarray]
     if n == 0:
-        no_rows = np.zeros((0, 0), _F4)
-        cols = {"lengths": np.zeros(0, _I8), "obs": no_rows, "actions": np.zeros(0, _I8),
-                "rewards": np.zeros(0, _F4), "gt": np.zeros(0, _I8), "init_state": no_rows,
-                **{name: np.zeros(0, _I8) for name in _INT_FIELDS},
-                "correct": np.zeros(0, _B1), "burnin_lengths": np.zeros(0, _I8),
-                "burnin_obs": no_rows, "burnin_has_state": np.zeros(0, _B1),
-                "burnin_state": no_rows}
+        cols = {name: np.zeros((0,) * ndim, wire) for name, (wire, ndim) in _COLUMNS.items()}
     else:
         (obs, actions, rewards, gt, init, b_obs, b_state, correct,
          *ints) = zip(*map(_GATHER, trials))
@@ -237,9 +219,11 @@ def encode_trials(trials: Iterable[Trial]) -> bytes:
                 "burnin_obs": b_obs_c,
                 "burnin_has_state": has,
                 "burnin_state": b_state_c}
+    # every column is built in its wire dtype; msgpack writes each C-contiguous buffer as bin
+    # (the bytes ``tobytes()`` would give), so each column is copied once, into the message
     msg: dict[str, Any] = {"schema": TRIALS_SCHEMA, "v": FORMAT_VERSION}
     for name, arr in cols.items():
-        msg[name] = _column(arr, _COLUMNS[name][0])
+        msg[name] = {"dtype": arr.dtype.str, "shape": arr.shape, "data": arr.data}
     return msgpack.packb(msg, use_bin_type=True)
 
 
@@ -374,21 +358,14 @@ def _array_map_data(obj: dict, path: str, wire: np.dtype, shape: list,
     return data
 
 
-def _decode_array(obj: Any, path: str, wire: np.dtype, native: type,
-                  shape_ok, err: type[TrialDecodeError]) -> np.ndarray:
-    """Validate an array map and build a fresh native-endian array.  ``shape_ok(shape)``
-    returns None if the declared shape is acceptable, else a description of the problem; it
-    is called before any array is created."""
-    shape = _array_map_shape(obj, path, wire, err)
-    problem = shape_ok(shape)
-    if problem:
-        raise err(f"{path}: {problem}")
-    data = _array_map_data(obj, path, wire, shape, err)
-    if wire.kind == "b" and len(data) and np.frombuffer(data, np.uint8).max() > 1:
-        raise err(f"{path}: bool data holds bytes other than 0 and 1")
-    # astype copies: the result is writable, native-endian and owns its memory
-    arr = np.frombuffer(data, dtype=wire).reshape(shape).astype(native)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+def _decode_param(obj: Any, path: str, err: type[TrialDecodeError]) -> np.ndarray:
+    """Validate a float32 array map of at most ``_MAX_PARAM_NDIM`` dimensions (checked before
+    any array is created) and build a fresh native-endian array."""
+    shape = _array_map_shape(obj, path, _F4, err)
+    if len(shape) > _MAX_PARAM_NDIM:
+        raise err(f"{path}: {len(shape)} dimensions exceed the limit {_MAX_PARAM_NDIM}")
+    arr = _own(_array_map_data(obj, path, _F4, shape, err), shape, _F4, np.float32)
+    if not np.isfinite(arr).all():
         raise err(f"{path}: contains NaN or infinity")
     return arr
 
@@ -415,14 +392,9 @@ def _raw_column(msg: dict, name: str) -> tuple[list, bytes]:
             else:
                 if n == len(data):
                     return shape, data
-    return _diagnose_column(msg, name)       # raises, naming what is wrong
-
-
-def _diagnose_column(msg: dict, name: str) -> tuple[list, bytes]:
-    """The thorough version of :func:`_raw_column`: every check with its own message."""
+    # the thorough path, every check with its own message: it raises, naming what is wrong
     path = f"message.{name}"
-    wire, ndim = _COLUMNS[name]
-    obj = msg[name]
+    wire = _COLUMNS[name][0]
     shape = _array_map_shape(obj, path, wire, _E)
     if len(shape) != ndim:
         raise _E(f"{path}: must be {ndim}-D, got shape {_short(shape)}")
@@ -553,20 +525,21 @@ def _decode_batch(msg: dict, s: TrialSchema) -> list[Trial]:
     def at_state(row: int):
         return [i for i, h in enumerate(has) if h][row], ""
 
-    obs = _own(data["obs"], [rows, s.obs_dim], _F4, np.float32)
-    _finite(obs, "obs", at_step)
-    rewards = _own(data["rewards"], [rows], _F4, np.float32)
-    _finite(rewards, "rewards", at_step)
-    actions = _own(data["actions"], [rows], _I8, np.int64)
-    _in_range(actions, "actions", "action", s.num_actions, at_step)
-    gt = _own(data["gt"], [rows], _I8, np.int64)
-    _in_range(gt, "gt", "ground-truth action", s.num_actions, at_step)
-    init = _own(data["init_state"], [N, s.state_size], _F4, np.float32)
-    _finite(init, "init_state", at_trial)
-    b_obs = _own(data["burnin_obs"], [b_rows, s.obs_dim], _F4, np.float32)
-    _finite(b_obs, "burnin_obs", at_burnin)
-    b_state = _own(data["burnin_state"], [K, s.state_size], _F4, np.float32)
-    _finite(b_state, "burnin_state", at_state)
+    col = {}
+    for name, shp, locate, label in (
+            ("obs", [rows, s.obs_dim], at_step, None), ("rewards", [rows], at_step, None),
+            ("actions", [rows], at_step, "action"), ("gt", [rows], at_step, "ground-truth action"),
+            ("init_state", [N, s.state_size], at_trial, None),
+            ("burnin_obs", [b_rows, s.obs_dim], at_burnin, None),
+            ("burnin_state", [K, s.state_size], at_state, None)):
+        if label is None:
+            arr = col[name] = _own(data[name], shp, _F4, np.float32)
+            _finite(arr, name, locate)
+        else:
+            arr = col[name] = _own(data[name], shp, _I8, np.int64)
+            _in_range(arr, name, label, s.num_actions, locate)
+    obs, rewards, actions, gt = col["obs"], col["rewards"], col["actions"], col["gt"]
+    init, b_obs, b_state = col["init_state"], col["burnin_obs"], col["burnin_state"]
     trial_end = np.zeros(rows, np.bool_)
 
     # the trials: disjoint views into the columns
@@ -627,18 +600,12 @@ def decode_params(payload: bytes, max_bytes: int = 1 << 30) -> tuple[dict[str, n
         params = msg["params"]
         if not isinstance(params, dict):
             raise E(f"message.params: expected a map, got {_tname(params)}")
-
-        def shape_ok(shape: list):
-            if len(shape) > _MAX_PARAM_NDIM:
-                return f"{len(shape)} dimensions exceed the limit {_MAX_PARAM_NDIM}"
-            return None
-
         out: dict[str, np.ndarray] = {}
         for name, value in params.items():
             path = f"params[{_short(name)}]"
             if not name:
                 raise E("message.params: empty parameter name")
-            out[name] = _decode_array(value, path, _F4, np.float32, shape_ok, E)
+            out[name] = _decode_param(value, path, E)
         return out, version
     except TrialDecodeError as e:
         if isinstance(e, ParamsDecodeError):
