@@ -21,6 +21,7 @@ import torch
 
 from mpn_dqn.common.config import ConfigError, TrainConfig, check_experiment_name
 from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
+from mpn_dqn.driver.observe.telemetry import read_jsonl
 from mpn_dqn.replay.snapshot import write_atomic
 
 
@@ -202,19 +203,7 @@ class Experiment:
             fh.flush()
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        out = []
-        with open(self.metrics_path) as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue      # a line cut by a crash; the rest is intact
-        return out
+        return read_jsonl(self.metrics_path)
 
     def write_json(self, name: str, data: dict) -> Path:
         text = json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2) + "\n"

@@ -23,6 +23,8 @@ import time
 import warnings
 from pathlib import Path
 
+from mpn_dqn.driver.observe.telemetry import read_jsonl
+
 ROW_KEY = ("task", "dt", "core", "seed", "variant")
 PCT_GOAL = 95.0
 
@@ -48,19 +50,6 @@ def _machine_of(exp_dir: Path) -> dict:
     except (OSError, json.JSONDecodeError):
         from mpn_dqn.driver.experiment import machine
         return machine()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue                  # a line cut by a kill: the rest is still good
-    return out
 
 
 def time_to_pct(records: list[dict], ceiling: float | None, pct: float = PCT_GOAL) -> dict:
@@ -106,7 +95,7 @@ def row_from_experiment(exp_dir: str | os.PathLike, *, variant: str = "defaults"
                best_trivial_policy=(ev.get("best_trivial") or {}).get("policy"),
                fix_break_rate=ev.get("fix_break_rate"), premature_rate=ev.get("premature_rate"),
                final_model_accuracy=(summary.get("final_eval") or {}).get("accuracy"))
-    records = _read_jsonl(exp_dir / "metrics.jsonl")
+    records = read_jsonl(exp_dir / "metrics.jsonl")
     row.update(time_to_pct(records, row["ceiling"] if row["pct_ceiling"] is not None else None))
     row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in records
                     if r.get("accuracy") is not None]

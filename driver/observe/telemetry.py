@@ -89,12 +89,36 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_heartbeat(exp_dir: str | os.PathLike) -> dict | None:
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``; None if the file is missing, unreadable, damaged or holds
+    something other than an object."""
     try:
-        with open(Path(exp_dir) / HEARTBEAT_FILE) as fh:
-            return json.load(fh)
+        with open(path) as fh:
+            data = json.load(fh)
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The records of a JSON-lines file ([] if there is none); a line cut by a crash is
+    skipped, the rest is intact."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
+
+
+def read_heartbeat(exp_dir: str | os.PathLike) -> dict | None:
+    return read_json(Path(exp_dir) / HEARTBEAT_FILE)
 
 
 def heartbeat_alive(hb: dict | None, stale_s: float = 30.0, now: float | None = None) -> tuple[bool, str]:

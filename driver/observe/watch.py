@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from mpn_dqn.driver.observe.telemetry import heartbeat_alive, read_heartbeat
+from mpn_dqn.driver.observe.telemetry import heartbeat_alive, read_heartbeat, read_json
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_LEN = 40
@@ -104,10 +104,7 @@ def render(exp_dir: str | os.PathLike, now: float | None = None, stale_s: float 
     """One screen of text for the experiment directory."""
     d = Path(exp_dir)
     now = now or time.time()
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
+    cfg = read_json(d / "config.json") or {}
     recs = tail_records(d / "metrics.jsonl")
     hb = read_heartbeat(d)
     alive, why = heartbeat_alive(hb, stale_s=stale_s, now=now)

@@ -22,13 +22,13 @@ the loop closes the telemetry at the end.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
 from pathlib import Path
 
-from mpn_dqn.driver.observe.telemetry import Telemetry, heartbeat_alive, read_heartbeat, write_json_atomic
+from mpn_dqn.driver.observe.telemetry import (Telemetry, heartbeat_alive, read_heartbeat, read_json,
+                                              write_json_atomic)
 from mpn_dqn.driver.runtime.ray_cluster import kill_quietly
 
 CONTROL_FILE = "control.json"
@@ -40,15 +40,6 @@ DRAIN_TIMEOUT_S = 10.0       # an actor being removed gets this long to ship wha
 
 class ScaleError(Exception):
     """The scale request cannot be sent (no such experiment, not running, not scalable)."""
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 class LiveControlMixin:
