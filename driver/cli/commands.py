@@ -104,19 +104,18 @@ def run_resume(exp: Experiment, *, num_episodes: int | None, time_limit_minutes:
     target, time_limit_minutes = resume_budget(cfg, ck["counters"], num_episodes, time_limit_minutes)
     cfg = dataclasses.replace(cfg, num_episodes=target, time_limit_minutes=time_limit_minutes)
     from mpn_dqn.driver.cli.preflight import capacity_preflight
+    from mpn_dqn.driver.runtime.ray_cluster import shutdown_after
     started = capacity_preflight(cfg, "resume")     # as train checks it: actors that cannot be placed
-    try:
-        with exp.lock():            # the run is still live: exit 2, nothing touched
-            cfg.save(str(exp.config_path))
-            budget = [f"to episode {target}"] if target is not None else []
-            if time_limit_minutes:
-                budget.append(f"for at most {time_limit_minutes:.2f} min")
-            log(f"Resuming {exp.name} from {latest.name} (episode {done}) {', '.join(budget)}")
-            return _continue(cfg, exp, str(latest), target, log)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
+    with shutdown_after(started), exp.lock():       # the run is still live: exit 2, nothing touched
+        cfg.save(str(exp.config_path))
+        budget = [f"to episode {target}"] if target is not None else []
+        if time_limit_minutes:
+            budget.append(f"for at most {time_limit_minutes:.2f} min")
+        log(f"Resuming {exp.name} from {latest.name} (episode {done}) {', '.join(budget)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from mpn_dqn.driver.runtime import train
+            return train(cfg, exp, resume_from=str(latest), target_episodes=target, log=log)
 
 
 def resume_budget(cfg, counters: dict, num_episodes: int | None,
@@ -172,12 +171,3 @@ def _resume_point(exp: Experiment, checkpoint: str | None, log) -> tuple:
     raise CheckpointError(f"experiment {exp.name!r}: no checkpoint can be loaded (damaged: "
                           f"{', '.join(damaged)})")
 
-
-def _continue(cfg, exp: Experiment, latest: str, target: int, log) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if cfg.num_actors == 0:
-            from mpn_dqn.driver.runtime.local import train_local
-            return train_local(cfg, exp, resume_from=latest, target_episodes=target, log=log)
-        from mpn_dqn.driver.runtime.distributed import train_distributed
-        return train_distributed(cfg, exp, resume_from=latest, target_episodes=target, log=log)

@@ -237,14 +237,11 @@ def cmd_train(ns) -> int:
     exp.check_free()                                # a live run of this name: exit 2, naming it
     Experiment.check_new(cfg.experiments_dir, name, cfg.overwrite)
     writable_dir(cfg.experiments_dir)
+    from mpn_dqn.driver.runtime.ray_cluster import shutdown_after
     started = capacity_preflight(cfg)             # actors that cannot be placed: exit 2
-    try:
-        with exp.lock():            # a live run of the same name (e.g. under --overwrite): exit 2
-            return _train_new(cfg, exp)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
+    # exp.lock(): a live run of the same name (e.g. under --overwrite) exits 2
+    with shutdown_after(started), exp.lock():
+        return _train_new(cfg, exp)
 
 
 def _train_new(cfg: TrainConfig, exp) -> int:
@@ -255,13 +252,8 @@ def _train_new(cfg: TrainConfig, exp) -> int:
     ceil = ceiling_for(cfg.env_name, cfg.dt)          # measured once per task and dt, cached
     print(f"Ceiling: {ceil['ceiling']:.3f} ({ceil['ceiling_source']}); best trivial policy "
           f"({ceil['best_trivial']['policy']}) {ceil['best_trivial']['accuracy']:.3f}", flush=True)
-    if cfg.num_actors == 0:
-        from mpn_dqn.driver.runtime.local import train_local
-        summary = train_local(cfg, exp)
-    else:
-        from mpn_dqn.driver.runtime.distributed import train_distributed
-        summary = train_distributed(cfg, exp)
-    return _exit_code(summary)
+    from mpn_dqn.driver.runtime import train
+    return _exit_code(train(cfg, exp))
 
 
 def _exit_code(summary: dict) -> int:

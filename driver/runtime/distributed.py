@@ -24,21 +24,17 @@ from mpn_dqn.common.config import TrainConfig
 from mpn_dqn.driver.experiment import Experiment
 from mpn_dqn.driver.runtime.live import LiveControlMixin
 from mpn_dqn.driver.runtime.loop import STATUS_PERIOD_S, TrainingLoop
-from mpn_dqn.driver.runtime.ray_cluster import actor_scheduling, check_capacity, init_ray, learner_gpus
+from mpn_dqn.driver.runtime.ray_cluster import (actor_scheduling, check_capacity, init_ray, learner_gpus,
+                                                shutdown_after)
 from mpn_dqn.driver.runtime.recovery import RecoveryMixin
 
 def train_distributed(cfg: TrainConfig, exp: Experiment, *, resume_from: str | None = None,
                       target_episodes: int | None = None, log=print) -> dict:
-    import ray
     torch.set_num_threads(1)
-    started = init_ray(cfg, log)
-    try:
+    with shutdown_after(init_ray(cfg, log)):
         trainer = DistributedTrainer(cfg, exp, resume_from=resume_from, target_episodes=target_episodes,
                                      log=log)
         return trainer.run()
-    finally:
-        if started:
-            ray.shutdown()
 
 
 class DistributedTrainer(RecoveryMixin, LiveControlMixin, TrainingLoop):

@@ -57,6 +57,17 @@ def init_ray(cfg: TrainConfig, log=print) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def shutdown_after(started: bool):
+    """On leaving, shut Ray down if ``started`` (this process started or joined it)."""
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A host:port address must accept a TCP connection within ``timeout_s`` (Ray itself retries
     an unreachable address for minutes without a word); "auto" and ray:// URLs are left to Ray."""

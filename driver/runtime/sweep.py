@@ -292,12 +292,8 @@ def _train_trial(trial: Trial, cfg: TrainConfig, exp) -> None:
             left = max(0.01, cfg.time_limit_minutes - done.wall_time / 60.0)
             run_cfg = dataclasses.replace(cfg, time_limit_minutes=left)
         log(f"continuing from {latest.name} (episode {done.episodes}, {done.wall_time:.0f} s done)")
-    if cfg.num_actors == 0:
-        from mpn_dqn.driver.runtime.local import train_local
-        train_local(run_cfg, exp, resume_from=resume_from, log=log)
-    else:
-        from mpn_dqn.driver.runtime.distributed import train_distributed
-        train_distributed(run_cfg, exp, resume_from=resume_from, log=log)
+    from mpn_dqn.driver.runtime import train
+    train(run_cfg, exp, resume_from=resume_from, log=log)
 
 
 def _finished(exp_dir: Path) -> bool:
@@ -430,7 +426,7 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
     import ray
     from ray import tune
     from mpn_dqn.common.ceiling import ceiling_for
-    from mpn_dqn.driver.runtime.ray_cluster import init_ray
+    from mpn_dqn.driver.runtime.ray_cluster import init_ray, shutdown_after
     from mpn_dqn.driver.observe.results import git_commit, write_report
     prepare(spec)
     trials = spec.trials
@@ -442,7 +438,7 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
         started = init_ray(TrainConfig(env_name=spec.tasks[0], num_actors=0, address=spec.address), log)
     except ClusterError as exc:
         raise SweepError(str(exc)) from exc
-    try:
+    with shutdown_after(started):
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
         check_fits(spec, cpus, gpus)
@@ -486,9 +482,6 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
                                           callbacks=[_progress_callback(len(trials), report=report)],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
     rows = [r for r in (report.row(t) for t in trials) if r is not None]
     ok = sum(r.get("status") == "ok" for r in rows)
     out = write_report(spec.report_dir, rows, title=spec.title, command=command)
