@@ -33,11 +33,10 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpn_dqn.common.config import ConfigError, TrainConfig, check_experiment_name
+from mpn_dqn.common.config import CORES, ConfigError, TrainConfig, check_experiment_name
 
 # options a sweep sets itself for every trial: not allowed after `--` or in --grid
 RESERVED = {"env-name", "seed", "core", "experiment-name", "experiments-dir", "overwrite", "address"}
-CORES = ("mpn", "gru", "lstm")
 
 
 class SweepError(ValueError):
@@ -218,20 +217,13 @@ class SweepSpec:
 
 # -- resources -------------------------------------------------------------------------------------
 
-def _gpus_for(cfg: TrainConfig, cluster_gpus: float) -> int:
-    return 1 if (cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus >= 1)) else 0
-
-
 def trial_bundles(cfg: TrainConfig, cluster_gpus: float = 0) -> list[dict]:
     """Placement-group bundles of one trial: the run's own process needs nothing beyond them."""
-    if cfg.num_actors == 0:                        # one process: it is the actor and the learner
-        b = {"CPU": 1.0}
-        if _gpus_for(cfg, cluster_gpus):
-            b["GPU"] = 1.0
-        return [b]
     learner = {"CPU": 1.0}
-    if _gpus_for(cfg, cluster_gpus):
+    if cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus >= 1):
         learner["GPU"] = 1.0
+    if cfg.num_actors == 0:                        # one process: it is the actor and the learner
+        return [learner]
     return [{}, learner] + [{"CPU": 1.0} for _ in range(cfg.num_actors)]
 
 
