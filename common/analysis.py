@@ -171,15 +171,14 @@ class Record:
     def conditions(self) -> dict[str, np.ndarray]:
         return {k[5:]: v for k, v in self.arrays.items() if k.startswith("cond_")}
 
-    def aligned(self, x: np.ndarray, length: int | None = None) -> np.ndarray:
-        """Per-step ``x`` [steps, D] as [trials, length, D] aligned at trial onset (NaN past a
-        trial's end); ``length`` defaults to the shortest trial."""
+    def aligned(self, x: np.ndarray) -> np.ndarray:
+        """Per-step ``x`` [steps, D] as [trials, length, D] aligned at trial onset, ``length``
+        the shortest trial's."""
         lens, offs = self.arrays["trial_length"], self.arrays["trial_offsets"]
-        length = int(lens.min()) if length is None else int(length)
-        out = np.full((len(lens), length, x.shape[1]), np.nan, np.float32)
-        for i, (o, n) in enumerate(zip(offs[:-1], lens)):
-            m = min(n, length)
-            out[i, :m] = x[o:o + m]
+        length = int(lens.min())
+        out = np.empty((len(lens), length, x.shape[1]), np.float32)
+        for i, o in enumerate(offs[:-1]):
+            out[i] = x[o:o + length]
         return out
 
     def at_step(self, x: np.ndarray, step: int | str) -> np.ndarray:
@@ -193,9 +192,9 @@ class Record:
         return self.arrays["period"] == names.index(name) if name in names else \
             np.zeros(len(self.arrays["period"]), bool)
 
-    def condition_means(self, x: np.ndarray, labels: np.ndarray, length: int | None = None) -> dict:
+    def condition_means(self, x: np.ndarray, labels: np.ndarray) -> dict:
         """The trial-averaged, onset-aligned trajectory of ``x`` for each value of ``labels``."""
-        al = self.aligned(x, length)
+        al = self.aligned(x)
         return {v: np.nanmean(al[labels == v], axis=0) for v in np.unique(labels)}
 
 

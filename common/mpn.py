@@ -43,12 +43,11 @@ import torch
 from torch import nn
 
 
-def augment_obs_numpy(obs: np.ndarray, input_bias: float, out: np.ndarray | None = None) -> np.ndarray:
+def augment_obs_numpy(obs: np.ndarray, input_bias: float) -> np.ndarray:
     """``[..., O] -> [..., O+1]`` with the constant channel (or a copy when input_bias == 0)."""
     if input_bias == 0:
         return np.asarray(obs, dtype=np.float32)
-    if out is None:
-        out = np.empty(obs.shape[:-1] + (obs.shape[-1] + 1,), dtype=np.float32)
+    out = np.empty(obs.shape[:-1] + (obs.shape[-1] + 1,), dtype=np.float32)
     out[..., :-1] = obs
     out[..., -1] = input_bias
     return out

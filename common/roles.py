@@ -47,10 +47,6 @@ class ReplayClient(Protocol):
         """Up to ``n`` (trial, preceding trials of its episode) pairs, for diagnostics."""
 
 
-class Saveable(Protocol):
-    def checkpoint_bytes(self) -> bytes: ...
-
-
 WeightsStore = Callable[[bytes], Any]      # msgpack weight bytes -> a handle actors can fetch
 WeightsFetch = Callable[[Any], bytes]      # a handle -> msgpack weight bytes (WeightsUnavailable)
 

@@ -335,10 +335,9 @@ def machine() -> dict:
     except OSError:
         pass
     try:
-        import torch
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU to report
+    except Exception:  # noqa: BLE001 - no driver: no GPU to report
         pass
     return info
 

@@ -121,10 +121,6 @@ class ReportWindow:
     trial_reward: float = 0.0
     staleness: list = field(default_factory=list)
 
-    def add_trials(self, trials, current_version: int | None = None) -> None:
-        self.add_trial_summaries([[t.correct, t.length, t.fix_breaks > 0, t.weights_version, 0.0,
-                                   t.premature] for t in trials], current_version)
-
     def add_trial_summaries(self, rows, current_version: int | None = None) -> None:
         """Rows ``[correct, length, fix_break, weights_version, reward, premature]`` (actor
         summaries)."""

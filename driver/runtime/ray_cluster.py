@@ -116,14 +116,13 @@ def check_capacity(num_actors: int, learner_cpus: int = 1) -> None:
     pg = current_placement_group()
     if pg is not None:
         cpus = sum(b.get("CPU", 0) for b in pg.bundle_specs)
-        if cpus < num_actors + learner_cpus:
-            raise ClusterError(f"{num_actors} actors + the learner need {num_actors + learner_cpus} CPUs "
-                               f"but this job's placement group holds {cpus:g}")
-        return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < num_actors + learner_cpus:
-        raise ClusterError(f"{num_actors} actors + the learner need {num_actors + learner_cpus} CPUs "
-                           f"but the Ray cluster has {cpus:g}; use fewer --num-actors or add nodes")
+        where, advice = f"this job's placement group holds {cpus:g}", ""
+    else:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        where, advice = f"the Ray cluster has {cpus:g}", "; use fewer --num-actors or add nodes"
+    need = num_actors + learner_cpus
+    if cpus < need:
+        raise ClusterError(f"{num_actors} actors + the learner need {need} CPUs but {where}{advice}")
 
 
 def kill_quietly(handle) -> None:
@@ -146,12 +145,8 @@ def epsilon_spread(actors: list, draining) -> dict[int, tuple[int, int]]:
 @contextlib.contextmanager
 def loopback_only():
     """While active, a new Ray node takes 127.0.0.1 as its address (and binds to it)."""
-    try:
-        from ray._private import ray_constants
-    except ImportError:          # a Ray without this switch: fall back to its default
-        yield
-        return
-    old = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    from ray._private import ray_constants
+    old = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
