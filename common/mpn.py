@@ -299,7 +299,8 @@ def mpn_scan(x: torch.Tensor, M0: torch.Tensor, Wt: torch.Tensor, b: torch.Tenso
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, M0, Wt, b, eta, lam))):
         with torch.no_grad():
             if cpu:
-                return _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam)
+                xs, Ms, hs = _numba_scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
+                return hs.transpose(0, 1), Ms[x.shape[1] % 2].clone()
             if gpu:
                 from mpn_dqn.common import mpn_triton
                 hs, MT, _ = mpn_triton.scan_forward(x, M0, Wt, b, eta, lam, keep_states=False)
@@ -337,17 +338,9 @@ class MPNScanCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, M0, Wt, b, eta, lam):
-        from mpn_dqn.common import mpn_numba
-        B, T, I = x.shape
-        H = Wt.shape[1]
-        xs = x.detach().transpose(0, 1).contiguous()
-        Ms = x.new_empty(T + 1, B, I, H)
-        hs = x.new_empty(T, B, H)
-        mpn_numba.scan_forward(xs.numpy(), M0.detach().contiguous().numpy(), Wt.detach().contiguous().numpy(),
-                               b.detach().contiguous().numpy(), per_unit_vector(eta, H, x).numpy(),
-                               per_unit_vector(lam, H, x).numpy(), Ms.numpy(), hs.numpy())
+        xs, Ms, hs = _numba_scan_forward(x, M0, Wt, b, eta, lam, keep_states=True)
         ctx.save_for_backward(xs, Ms, hs, Wt, eta, lam)
-        return hs.transpose(0, 1), Ms[T].clone()
+        return hs.transpose(0, 1), Ms[-1].clone()
 
     @staticmethod
     def backward(ctx, g_h, g_MT):
@@ -381,17 +374,19 @@ def _use_triton_kernels(x: torch.Tensor) -> bool:
     return mpn_triton.available(x.device) and x.shape[-1] <= mpn_triton.MAX_IN_DIM
 
 
-def _scan_forward_cpu_nograd(x, M0, Wt, b, eta, lam):
+def _numba_scan_forward(x, M0, Wt, b, eta, lam, keep_states: bool):
+    """The numba forward kernel on x [B,T,I]: (xs [T,B,I], Ms, hs [T,B,H]).  Ms is every state
+    [T+1,B,I,H] with ``keep_states``, else the two ping-pong states [2,B,I,H]."""
     from mpn_dqn.common import mpn_numba
     B, T, I = x.shape
     H = Wt.shape[1]
-    xs = x.transpose(0, 1).contiguous()
-    Ms = x.new_empty(2, B, I, H)
+    xs = x.detach().transpose(0, 1).contiguous()
+    Ms = x.new_empty(T + 1 if keep_states else 2, B, I, H)
     hs = x.new_empty(T, B, H)
-    mpn_numba.scan_forward(xs.numpy(), M0.contiguous().numpy(), Wt.contiguous().numpy(), b.contiguous().numpy(),
-                           per_unit_vector(eta, H, x).numpy(), per_unit_vector(lam, H, x).numpy(),
-                           Ms.numpy(), hs.numpy())
-    return hs.transpose(0, 1), Ms[T % 2].clone()
+    mpn_numba.scan_forward(xs.numpy(), M0.detach().contiguous().numpy(), Wt.detach().contiguous().numpy(),
+                           b.detach().contiguous().numpy(), per_unit_vector(eta, H, x).numpy(),
+                           per_unit_vector(lam, H, x).numpy(), Ms.numpy(), hs.numpy())
+    return xs, Ms, hs
 
 
 def per_unit_vector(v: torch.Tensor, H: int, like: torch.Tensor) -> torch.Tensor:
