@@ -71,6 +71,13 @@ class TrialBatch:
         return int(self.lengths.shape[0])
 
 
+def _scalar(d: dict, key: str, hint: str = "") -> int:
+    """``d[key]`` as an int (a loaded ``.npz`` holds it as a 0-d array)."""
+    if key not in d:
+        raise ValueError(f"state dict lacks {key!r}{hint}")
+    return int(np.asarray(d[key]).item())
+
+
 def _check_int(name: str, value, low: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r} "
@@ -364,13 +371,10 @@ class TrialBuffer:
 
         ``meta=False`` leaves out what only the replay side reads (``correct``,
         ``weights_version``, ``gt``; ``slots`` are always there): the learner's batches."""
+        from mpn_dqn.replay.wire import batch_layout
         d = self._draw(batch_size, pad_multiple, rng)
-        B, T, N, O, S = d["B"], d["T"], d["N"], self.obs_dim, self.state_size
-        out = {"obs": np.empty((B, T, O), np.float32), "actions": np.empty((B, T), np.int64),
-               "rewards": np.empty((B, T), np.float32), "mask": np.empty((B, T), np.bool_),
-               "lengths": np.empty(B, np.int64), "init_state": np.empty((B, S), np.float32),
-               "burnin_obs": np.empty((B, N, O), np.float32), "burnin_mask": np.empty((B, N), np.bool_),
-               "burnin_state": np.empty((B, S if N else 0), np.float32)}
+        layout, _ = batch_layout(d["B"], d["T"], d["N"], self.obs_dim, self.state_size)
+        out = {name: np.empty(shape, dtype) for name, dtype, shape, _ in layout}
         self._gather(d, out)
         batch = TrialBatch(**out, slots=d["slots"])
         if meta:
@@ -468,10 +472,7 @@ class TrialBuffer:
         0-d arrays).  The buffer's configuration must match; raises ValueError otherwise or if
         the state is inconsistent, leaving this buffer unchanged."""
         def scalar(key: str) -> int:
-            if key not in d:
-                raise ValueError(f"state dict lacks {key!r}; was it made by "
-                                 f"TrialBuffer.state_dict()?")
-            return int(np.asarray(d[key]).item())
+            return _scalar(d, key, "; was it made by TrialBuffer.state_dict()?")
 
         def array(key: str, shape: tuple, dtype) -> np.ndarray:
             if key not in d:
@@ -560,11 +561,7 @@ class TrialBuffer:
     @classmethod
     def from_state_dict(cls, d: dict) -> "TrialBuffer":
         """A new buffer configured and filled from :meth:`state_dict`."""
-        def get(key: str) -> int:
-            if key not in d:
-                raise ValueError(f"state dict lacks {key!r}")
-            return int(np.asarray(d[key]).item())
-        buf = cls(get("capacity"), get("obs_dim"), get("state_size"),
-                  max_burnin=get("max_burnin"))
+        buf = cls(_scalar(d, "capacity"), _scalar(d, "obs_dim"), _scalar(d, "state_size"),
+                  max_burnin=_scalar(d, "max_burnin"))
         buf.load_state_dict(d)
         return buf
