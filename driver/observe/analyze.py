@@ -87,6 +87,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _first_answer(rec, i: int, start: int = 0) -> tuple[int, int]:
     """(action, step) of trial i's first non-fixate action at or after ``start``; (0, -1) if none."""
     o, n = rec["trial_offsets"][i], rec["trial_length"][i]
@@ -147,10 +155,7 @@ def _psychometric(rec, path: Path, title: str) -> dict:
     ax[1].set_xlabel("|coherence|")
     ax[1].set_ylabel("commitment time after stimulus onset (ms)\n(median; from it on the action is the choice)",
                      fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     mono = bool(np.all(np.diff(p_agent) >= -2 * np.maximum(se[1:], se[:-1]) - 1e-9))
     return {"psychometric_max_gap_to_ideal": float(np.max(np.abs(p_agent - p_ideal))),
             "psychometric_monotone_within_2se": mono}
@@ -186,18 +191,13 @@ def _pca(rec, path: Path, title: str) -> dict:
             ax.set_xlabel(f"PC1 ({100 * evr[0]:.0f} % of variance)")
             ax.set_ylabel(f"PC2 ({100 * evr[1]:.0f} %)" if len(evr) > 1 else "PC2")
             ax.legend(fontsize=7, markerscale=3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     return out
 
 
 def _variables(rec) -> dict[str, np.ndarray]:
     out = {"ground truth": rec["trial_ground_truth"]}
-    for k, v in rec.conditions().items():
-        if v.ndim == 1 and k != "ground_truth" and an.decodable(v):
-            out[k] = v
+    out.update((k, v) for k, v in rec.conditions().items() if v.ndim == 1 and k != "ground_truth")
     return {k: v for k, v in out.items() if an.decodable(v)}
 
 
@@ -245,10 +245,7 @@ def _decoding(rec, path: Path, title: str) -> dict:
         ax.set_ylabel("cross-validated decoding accuracy")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     return out
 
 
@@ -273,10 +270,7 @@ def _cross_temporal(rec, path: Path, title: str) -> dict:
         ax.set_title(f"{name} from {label}", fontsize=9)
         fig.colorbar(im, ax=ax, label="accuracy")
         out[f"cross_temporal_{label}_offdiag_mean"] = float(acc[~np.eye(len(acc), dtype=bool)].mean())
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     return out
 
 
