@@ -37,6 +37,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
+def _experiment_args(p: argparse.ArgumentParser, what: str,
+                     dir_help: str = "(default: experiments)") -> None:
+    """The ``--experiment-name`` (required; help ``what``) and ``--experiments-dir`` pair."""
+    p.add_argument("--experiment-name", required=True, help=what)
+    p.add_argument("--experiments-dir", default="experiments", help=dir_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpn-dqn", allow_abbrev=False,
                 description="MPN-DQN on NeuroGym tasks: distributed actor-learner training on Ray.")
@@ -53,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the trained policy greedily and report accuracy against the "
                        "ideal-observer ceiling, with a progress line every few seconds while it runs; "
                        "writes experiments/<name>/eval.json.")
-    e.add_argument("--experiment-name", required=True, help="experiment to evaluate")
-    e.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    _experiment_args(e, "experiment to evaluate")
     e.add_argument("--num-eval-episodes", type=int, default=50,
                    help="episodes to run (at most 10000); each has the experiment's "
                    "--trials-per-episode trials (default: 50)")
@@ -67,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", allow_abbrev=False, help="render one episode as an animated GIF",
                        description="Render one greedy episode: observations, actions vs ground truth, "
                        "Q-values and the recurrent state as a heatmap, trial boundaries marked.")
-    r.add_argument("--experiment-name", required=True, help="experiment to render")
-    r.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    _experiment_args(r, "experiment to render")
     r.add_argument("--output", required=True, help="output .gif path")
     r.add_argument("--checkpoint", default=None, help="checkpoint (default: final_model.pt)")
     r.add_argument("--seed", type=int, default=0, help="episode seed (default: 0)")
@@ -85,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ideal observer's (tasks with a signed coherence), PCA of h and M, decoding of "
                         "trial variables over time from h and M with a shuffled control, cross-temporal "
                         "decoding. Figures that do not apply to the task are skipped with the reason.")
-    an.add_argument("--experiment-name", required=True, help="experiment to analyse")
-    an.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    _experiment_args(an, "experiment to analyse")
     an.add_argument("--checkpoint", default=None,
                     help="checkpoint file name or path (default: as eval: selected_model.pt, else "
                          "final_model.pt, else best_model.pt)")
@@ -101,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "checks that the options of config.json that shape the network and the replay "
                        "snapshot match the checkpoint's and that its num_actors fits this machine's "
                        "CPUs (or the cluster); a refusal is one line, exit 2.")
-    s.add_argument("--experiment-name", required=True, help="experiment to continue")
-    s.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    _experiment_args(s, "experiment to continue")
     s.add_argument("--num-episodes", type=int, default=None,
                    help="new total number of episodes (default: the original --num-episodes; "
                    "with neither option the run continues to its original budget)")
@@ -121,9 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "answers in control_result.json within about a second. Exit 0: applied; 2: "
                        "refused (e.g. not enough free CPUs in the cluster), or the experiment does not "
                        "exist or is not running; 1: no answer in time.")
-    c.add_argument("--experiment-name", required=True, help="the running experiment")
-    c.add_argument("--experiments-dir", default="experiments",
-                   help="its experiments directory, as the driver sees it (default: experiments)")
+    _experiment_args(c, "the running experiment",
+                     "its experiments directory, as the driver sees it (default: experiments)")
     c.add_argument("--num-actors", type=int, required=True, help="the new number of actors (>= 1)")
     c.add_argument("--wait", type=float, default=30.0,
                    help="seconds to wait for the driver's answer (default: 30)")
@@ -194,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics.jsonl (also while the run goes on): accuracy as % of the ceiling "
                         "beside the best trivial policy, fixation breaks and premature responses, TD "
                         "loss against env steps; accuracy, epsilon and throughput against wall time.")
-    pl.add_argument("--experiment-name", required=True, help="experiment to plot")
-    pl.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    _experiment_args(pl, "experiment to plot")
 
     rs = sub.add_parser("results", allow_abbrev=False, help="rebuild results.md and the curves from results.json",
                         description="Regenerate <results-dir>/results.md and learning_curves.png from the "
@@ -209,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "values and trends (sparklines over the last records) of accuracy, loss, Q, "
                        "throughput, replay and policy lag, the actor count, whether the job is alive "
                        "(heartbeat.json) and the last scale request. Ends when the run ends, or Ctrl-C.")
-    w.add_argument("--experiment-name", required=True, help="experiment to watch")
-    w.add_argument("--experiments-dir", default="experiments", help="(default: experiments)")
+    _experiment_args(w, "experiment to watch")
     w.add_argument("--once", action="store_true", help="print one screen and exit")
     w.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     return p
