@@ -304,14 +304,14 @@ class TrainingLoop:
             write_snapshot_file(path, data)
         self.replay_snapshots += 1
 
-    def _snapshot_tick(self) -> None:
-        n = self.cfg.replay_snapshot_every
-        if n > 0 and self.counters.trials - self.snap_trials >= n:
-            self.guard.attempt("replay snapshot", self._snapshot_replay)
-
-    def _final_snapshot(self) -> None:
+    def _try_snapshot(self) -> None:
+        """A replay snapshot unless they are off; a failed write is reported and retried."""
         if self.cfg.replay_snapshot_every > 0:
             self.guard.attempt("replay snapshot", self._snapshot_replay)
+
+    def _snapshot_tick(self) -> None:
+        if self.counters.trials - self.snap_trials >= self.cfg.replay_snapshot_every:
+            self._try_snapshot()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str) -> None:
@@ -321,8 +321,8 @@ class TrainingLoop:
         self.after_save(name)
 
     def after_save(self, name: str) -> None:
-        if name.startswith("checkpoint_") and self.cfg.replay_snapshot_every > 0:
-            self.guard.attempt("replay snapshot", self._snapshot_replay)
+        if name.startswith("checkpoint_"):
+            self._try_snapshot()
 
     # -- the loop ------------------------------------------------------------------------------
     def _on_chunk(self, i: int, summary: dict) -> None:
@@ -430,7 +430,7 @@ class TrainingLoop:
         self.stop_roles()
         self._poll()
         c.wall_time = self.wall0 + time.time() - self.t_start
-        self._final_snapshot()
+        self._try_snapshot()
         state = self.learner_state()
         self.kill_all()
         try:
