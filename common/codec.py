@@ -525,21 +525,20 @@ def _decode_batch(msg: dict, s: TrialSchema) -> list[Trial]:
     def at_state(row: int):
         return [i for i, h in enumerate(has) if h][row], ""
 
-    col = {}
-    for name, shp, locate, label in (
-            ("obs", [rows, s.obs_dim], at_step, None), ("rewards", [rows], at_step, None),
-            ("actions", [rows], at_step, "action"), ("gt", [rows], at_step, "ground-truth action"),
-            ("init_state", [N, s.state_size], at_trial, None),
-            ("burnin_obs", [b_rows, s.obs_dim], at_burnin, None),
-            ("burnin_state", [K, s.state_size], at_state, None)):
-        if label is None:
-            arr = col[name] = _own(data[name], shp, _F4, np.float32)
-            _finite(arr, name, locate)
-        else:
-            arr = col[name] = _own(data[name], shp, _I8, np.int64)
-            _in_range(arr, name, label, s.num_actions, locate)
-    obs, rewards, actions, gt = col["obs"], col["rewards"], col["actions"], col["gt"]
-    init, b_obs, b_state = col["init_state"], col["burnin_obs"], col["burnin_state"]
+    obs = _own(data["obs"], [rows, s.obs_dim], _F4, np.float32)
+    _finite(obs, "obs", at_step)
+    rewards = _own(data["rewards"], [rows], _F4, np.float32)
+    _finite(rewards, "rewards", at_step)
+    actions = _own(data["actions"], [rows], _I8, np.int64)
+    _in_range(actions, "actions", "action", s.num_actions, at_step)
+    gt = _own(data["gt"], [rows], _I8, np.int64)
+    _in_range(gt, "gt", "ground-truth action", s.num_actions, at_step)
+    init = _own(data["init_state"], [N, s.state_size], _F4, np.float32)
+    _finite(init, "init_state", at_trial)
+    b_obs = _own(data["burnin_obs"], [b_rows, s.obs_dim], _F4, np.float32)
+    _finite(b_obs, "burnin_obs", at_burnin)
+    b_state = _own(data["burnin_state"], [K, s.state_size], _F4, np.float32)
+    _finite(b_state, "burnin_state", at_state)
     trial_end = np.zeros(rows, np.bool_)
 
     # the trials: disjoint views into the columns

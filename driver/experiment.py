@@ -21,8 +21,24 @@ import torch
 
 from mpn_dqn.common.config import ConfigError, TrainConfig, check_experiment_name
 from mpn_dqn.common.networks import NetSpec, QNetwork, export_params
-from mpn_dqn.driver.observe.telemetry import read_jsonl
 from mpn_dqn.replay.snapshot import write_atomic
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The records of a JSON-lines file ([] if there is none); a line cut by a crash is
+    skipped, the rest is intact."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
 
 
 class ExperimentError(ValueError):

@@ -88,11 +88,10 @@ def _plt():
 
 
 def _save(fig, path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _plt().close(fig)
 
 
 def _first_answer(rec, i: int, start: int = 0) -> tuple[int, int]:

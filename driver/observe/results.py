@@ -23,8 +23,6 @@ import time
 import warnings
 from pathlib import Path
 
-from mpn_dqn.driver.observe.telemetry import read_jsonl
-
 ROW_KEY = ("task", "dt", "core", "seed", "variant")
 PCT_GOAL = 95.0
 
@@ -95,6 +93,7 @@ def row_from_experiment(exp_dir: str | os.PathLike, *, variant: str = "defaults"
                best_trivial_policy=(ev.get("best_trivial") or {}).get("policy"),
                fix_break_rate=ev.get("fix_break_rate"), premature_rate=ev.get("premature_rate"),
                final_model_accuracy=(summary.get("final_eval") or {}).get("accuracy"))
+    from mpn_dqn.driver.experiment import read_jsonl
     records = read_jsonl(exp_dir / "metrics.jsonl")
     row.update(time_to_pct(records, row["ceiling"] if row["pct_ceiling"] is not None else None))
     row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in records

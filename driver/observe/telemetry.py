@@ -100,23 +100,6 @@ def read_json(path: str | os.PathLike) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def read_jsonl(path: str | os.PathLike) -> list:
-    """The records of a JSON-lines file ([] if there is none); a line cut by a crash is
-    skipped, the rest is intact."""
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return out
-
-
 def read_heartbeat(exp_dir: str | os.PathLike) -> dict | None:
     return read_json(Path(exp_dir) / HEARTBEAT_FILE)
 
