@@ -168,7 +168,7 @@ def test_sweep_driver_killed_then_the_same_command_continues(ray_session, tmp_pa
     cmd = [sys.executable, "main.py", "sweep", "--env-name", PDM, "--seeds", "0", "1", "--max-concurrent", "1",
            "--sweeps-dir", str(tmp_path), "--sweep-name", "k", "--address", address, "--",
            *TINY[2:], "--num-actors", "0", "--num-episodes", "1000000", "--time-limit-minutes", "0.06",
-           "--checkpoint-freq", "20"]
+           "--checkpoint-freq", "4"]
     first, second = (tmp_path / "k" / "experiments" / f"PerceptualDecisionMaking-mpn-s{s}" for s in (0, 1))
     log = open(tmp_path / "sweep1.log", "w")
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -222,8 +222,10 @@ class TrainingLoop:
         """Actor ``i``'s chunk was counted: give it its next one."""
 
     def tick(self) -> None:
-        """Once per loop turn, after the chunks were counted."""
-        self._snapshot_tick()
+        """Once per loop turn, after the chunks were counted: a replay snapshot when one is due."""
+        every = self.cfg.replay_snapshot_every
+        if every > 0 and self.counters.trials - self.snap_trials >= every:
+            self._try_snapshot()
 
     def _learner_get(self, name: str, *args):
         raise NotImplementedError
@@ -308,10 +310,6 @@ class TrainingLoop:
         """A replay snapshot unless they are off; a failed write is reported and retried."""
         if self.cfg.replay_snapshot_every > 0:
             self.guard.attempt("replay snapshot", self._snapshot_replay)
-
-    def _snapshot_tick(self) -> None:
-        if self.counters.trials - self.snap_trials >= self.cfg.replay_snapshot_every:
-            self._try_snapshot()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str) -> None:

@@ -111,7 +111,9 @@ def actor_scheduling():
     return PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
 
 
-def check_capacity(num_actors: int, learner_cpus: int = 1) -> None:
+def check_capacity(num_actors: int) -> None:
+    """The cluster (or this job's placement group) holds ``num_actors`` actors and the learner,
+    one CPU each; else ClusterError saying what to change."""
     import ray
     pg = current_placement_group()
     if pg is not None:
@@ -120,7 +122,7 @@ def check_capacity(num_actors: int, learner_cpus: int = 1) -> None:
     else:
         cpus = ray.cluster_resources().get("CPU", 0)
         where, advice = f"the Ray cluster has {cpus:g}", "; use fewer --num-actors or add nodes"
-    need = num_actors + learner_cpus
+    need = num_actors + 1
     if cpus < need:
         raise ClusterError(f"{num_actors} actors + the learner need {need} CPUs but {where}{advice}")
 
