@@ -57,21 +57,6 @@ def test_two_actors_train_through_replay_and_learner(ray_session, tmp_path):
     assert {k for r in local_exp.read_metrics() for k in r} == {k for r in recs for k in r}
 
 
-def test_cli_embedded_ray_run_starts_and_stops_its_own_ray(tmp_path):
-    """`train-neurogym --num-actors 1` on an embedded Ray, as a user runs it, in a subprocess."""
-    cmd = [sys.executable, "main.py", "train-neurogym", "--env-name", "PerceptualDecisionMaking-v0",
-           "--num-actors", "1", "--envs-per-actor", "4", "--num-episodes", "24", "--hidden-dim", "16",
-           "--trial-batch-size", "8", "--learning-starts", "16", "--print-freq", "8",
-           "--eval-trials", "30", "--experiments-dir", str(tmp_path), "--experiment-name", "cli-ray"]
-    env = dict(os.environ, RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "1 Ray actor)" in p.stdout and "Ep " in p.stdout and "Greedy evaluation" in p.stdout
-    cfg = json.loads((tmp_path / "cli-ray" / "config.json").read_text())
-    assert cfg["num_actors"] == 1
-
-
 def test_epsilon_spread_follows_the_active_actors_after_scale():
     from mpn_dqn.common.exploration import actor_epsilon
     from mpn_dqn.driver.runtime.ray_cluster import epsilon_spread

@@ -97,7 +97,7 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
              "--hidden-dim", "16", "--trial-batch-size", "8", "--learning-starts", "16",
              "--buffer-size", "300", "--print-freq", "4", "--checkpoint-freq", "8",
              "--trials-per-episode", "4",
-             "--replay-snapshot-every", "1000", "--eval-trials", "0",
+             "--replay-snapshot-every", "1000", "--eval-trials", "20",
              "--experiments-dir", str(tmp_path), "--experiment-name", name]
     exp = Experiment(tmp_path, name)
     log = open(tmp_path / "train.log", "w")
@@ -156,6 +156,9 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
                        start_new_session=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"Replay restored from {snapshot_path(exp).name}: {snap['size']} trials" in r.stdout
+    # a run on the embedded Ray that ends normally: its actor, then the greedy evaluation
+    assert "Starting an embedded Ray on 127.0.0.1" in r.stdout and "Greedy evaluation" in r.stdout, \
+        r.stdout[-2000:]
 
     # resume.json: the counters are the checkpoint's, the replay is the snapshot's
     res = json.loads((exp.dir / "resume.json").read_text())
@@ -168,7 +171,7 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
 
     # training went on from there: counters continue, the epsilon schedule follows env_steps
     new = exp.read_metrics()[len(before):]
-    assert new and new[-1]["episode"] >= target
+    assert new and new[-1]["episode"] >= target and new[-1]["num_actors"] == 1
     c0 = ck["counters"]
     for rec in new:
         assert rec["episode"] >= c0["episodes"] and rec["env_steps"] > c0["env_steps"]
