@@ -168,7 +168,7 @@ class TrainConfig:
                                    "start to end", low=1)
 
     # --- replay ---
-    buffer_size: int = opt(500, "replay capacity in trials (FIFO)", low=1)
+    buffer_size: int = opt(20_000, "replay capacity in trials (FIFO; evidence: docs/defaults.md)", low=1)
     trial_batch_size: int = opt(32, "trials per learner batch", low=1)
     replay_init: str = opt(
         "stored", "initial recurrent state when replaying a trial: zero, the stored state the "
@@ -180,7 +180,7 @@ class TrainConfig:
         4.0, "trials sampled by the learner per trial inserted by the actors (samples per "
         "insert)", low=0.0, low_open=True)
     replay_snapshot_every: int = opt(
-        2000, "snapshot the replay buffer (contents, rate-limiter counters, sampling RNG) every "
+        50_000, "snapshot the replay buffer (contents, rate-limiter counters, sampling RNG) every "
         "N trials inserted and with every checkpoint, to checkpoints/replay_snapshot.npz "
         "(atomic, SHA-256 checked); a crashed replay server and `resume` restart from it. Each "
         "snapshot writes the whole buffer, so raise N for big buffers; 0: no snapshots", low=0)
