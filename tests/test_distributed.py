@@ -1,8 +1,6 @@
 """The real Ray program: actors, replay server and learner as Ray actors on a real NeuroGym env."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -10,7 +8,6 @@ from mpn_dqn.common.config import TrainConfig
 from mpn_dqn.driver.experiment import Experiment, load_checkpoint
 
 pytestmark = pytest.mark.ray
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(tmp_path, **kw):
@@ -115,7 +112,6 @@ def test_the_embedded_rays_auth_token_is_made_readable_by_its_owner_only(tmp_pat
 def test_two_replay_shards_train_snapshot_each_and_resume_from_both(ray_session, tmp_path):
     """--replay-shards 2: each actor feeds its own server, the learner samples both, every
     snapshot writes one file per server, and a resumed run restores each from its own file."""
-    import json
     from mpn_dqn.driver.runtime.distributed import train_distributed
     from mpn_dqn.driver.runtime.recovery import snapshot_info, snapshot_path
     from mpn_dqn.replay.snapshot import read_snapshot_file

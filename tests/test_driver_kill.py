@@ -156,7 +156,7 @@ def test_driver_sigkilled_then_resume_continues_from_checkpoint_and_snapshot(tmp
                        start_new_session=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"Replay restored from {snapshot_path(exp).name}: {snap['size']} trials" in r.stdout
-    # a run on the embedded Ray that ends normally: its actor, then the greedy evaluation
+    # a run that starts its own embedded Ray and ends normally, with the greedy evaluation
     assert "Starting an embedded Ray on 127.0.0.1" in r.stdout and "Greedy evaluation" in r.stdout, \
         r.stdout[-2000:]
 

@@ -225,7 +225,7 @@ class TrainingLoop:
         """Once per loop turn, after the chunks were counted: a replay snapshot when one is due."""
         every = self.cfg.replay_snapshot_every
         if every > 0 and self.counters.trials - self.snap_trials >= every:
-            self._try_snapshot()
+            self.guard.attempt("replay snapshot", self._snapshot_replay)
 
     def _learner_get(self, name: str, *args):
         raise NotImplementedError
