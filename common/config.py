@@ -22,6 +22,10 @@ DEVICES = ("auto", "cpu", "cuda")
 REPLAY_INITS = ("zero", "stored", "burn-in")
 TARGET_UPDATES = ("hard", "polyak")
 
+# What a run did when its config.json was written before an option existed and the option's
+# default is not that behaviour (every other missing key: the default is what it did).
+ABSENT_KEY_VALUES = {"plasticity_per_unit": False}      # one eta and lambda for the layer
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which option and how to fix it."""
@@ -367,7 +371,8 @@ class TrainConfig:
         if missing:
             raise ConfigError(f"config {path} lacks {', '.join(missing)}; it was not written by "
                               "train-neurogym (restore it, or start a new experiment)")
-        data.setdefault("plasticity_per_unit", False)  # a config without the key ran one pair
+        for key, value in ABSENT_KEY_VALUES.items():
+            data.setdefault(key, value)
         return cls.from_dict(data)
 
     @classmethod

@@ -105,6 +105,65 @@ def test_rows_merge_by_task_dt_core_seed_and_variant():
     assert len(rows) == 3
 
 
+def _row_at(task: str, seed: int = 0, core: str = "mpn", variant: str = "defaults", cpus: int = 2, **options):
+    from mpn_dqn.common.config import TrainConfig
+    cfg = TrainConfig(env_name=task, seed=seed, core=core, num_actors=max(1, cpus - 1)).to_dict()
+    cfg.update(options)
+    return {"task": task, "dt": cfg["dt"], "core": core, "seed": seed, "variant": variant, "status": "ok",
+            "accuracy": 0.5, "ceiling": 1.0, "pct_ceiling": 50.0, "config": cfg, "machine": {"cpus": cpus}}
+
+
+def test_a_rows_variant_is_what_its_config_differs_in_from_todays_defaults():
+    from mpn_dqn.driver.observe.results import variant_of
+    assert variant_of(_row_at(PDM, variant="--buffer-size 20000")) == "defaults"
+    assert variant_of(_row_at(PDM, buffer_size=500, learn_plasticity=False)) == \
+        "--no-learn-plasticity --buffer-size 500"
+    assert variant_of(_row_at("PulseDecisionMaking-v0", dt=100)) == "--dt 100"
+    old = _row_at(PDM)
+    del old["config"]["plasticity_per_unit"]             # written before the option existed: one pair
+    del old["config"]["replay_shards"]                   # ... whose default is what it did
+    assert variant_of(old) == "--no-plasticity-per-unit"
+    assert variant_of(_row_at(PDM, cpus=4)) == "defaults"          # 3 actors are 4 CPUs' default
+    assert variant_of(_row_at(PDM, cpus=4, num_actors=1)) == "--num-actors 1"
+    assert variant_of(_row_at(PDM, experiment_name="x", print_freq=7)) == "defaults"
+    assert variant_of({"variant": "--n-step 5"}) == "--n-step 5"   # no config: as stored
+
+
+def test_rows_of_the_same_config_merge_whatever_they_were_called_when_they_ran():
+    a = _row_at(PDM, variant="--buffer-size 20000")
+    b = dict(_row_at(PDM), accuracy=0.9)
+    rows = merge_rows([a, _row_at(PDM, buffer_size=500)], [b])
+    assert [(r["variant"], r["accuracy"]) for r in rows] == [("defaults", 0.9), ("--buffer-size 500", 0.5)]
+
+
+def test_a_thinned_curve_is_short_and_reaches_every_accuracy_when_the_whole_curve_does():
+    import random
+    from mpn_dqn.driver.observe.results import CURVE_POINTS, thin_curve
+    rng = random.Random(0)
+    curve = [[float(t), 100 * t, min(1.0, t / 3000 + rng.uniform(-0.2, 0.2))] for t in range(3000)]
+    thin = thin_curve(curve)
+    assert len(thin) < 2 * CURVE_POINTS and thin[0] == curve[0] and thin[-1] == curve[-1]
+    recs = lambda c: [{"wall_time": w, "env_steps": e, "accuracy": a} for w, e, a in c]  # noqa: E731
+    for ceiling in (0.3, 0.6, 0.9, 1.0):
+        assert time_to_pct(recs(thin), ceiling) == time_to_pct(recs(curve), ceiling)
+    assert thin_curve(curve[:5]) == curve[:5]
+
+
+def test_the_battery_table_puts_mpn_and_gru_side_by_side_and_lists_tasks_not_run():
+    rows = [dict(_row_at("GoNogo-v0", seed=s), accuracy=1.0, pct_ceiling=100.0) for s in (0, 1, 2)]
+    rows += [dict(_row_at("GoNogo-v0", core="gru"), accuracy=0.9, pct_ceiling=90.0)]
+    rows += [dict(_row_at("GoNogo-v0", buffer_size=500), accuracy=0.2, pct_ceiling=20.0)]
+    md = markdown(merge_rows([], rows))
+    battery = md.split("## The battery at the defaults")[1].split("## At the defaults")[0]
+    line = next(ln for ln in battery.splitlines() if ln.startswith("| GoNogo |"))
+    assert "| 1.000 ± 0.000 (3) | 100.0 %, 100.0 % |" in line and "| 0.900 (1) | 90.0 %, 90.0 % |" in line
+    assert "| ReadySetGo | - |" in battery and "not run" in battery
+    assert "MPN at ≥ 95 % of the ceiling on every seed on 1 of the 1 learnable tasks it ran (1 of them " \
+           "with 3 or more seeds); GRU at ≥ 95 % of the ceiling on every seed on 0 of the 1" in battery
+    assert "0.200" not in battery                                  # a variant is not the defaults
+    assert "| GoNogo | 100 | mpn | --buffer-size 500 | 0 | 0.200 |" in md.split("## Other variants")[1]
+
+
 def test_time_to_95_is_the_first_record_at_95_percent_of_the_ceiling():
     recs = [{"wall_time": t, "env_steps": 10 * t, "accuracy": a} for t, a in ((1, 0.5), (2, 0.93), (3, 0.96))]
     assert time_to_pct(recs, 1.0) == {"time_to_95_s": 3, "env_steps_to_95": 30}

@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "watch take --experiments-dir <sweeps-dir>/<sweep-name>/experiments), and "
                         "results.json, results.md (task, core, seed, accuracy +- stderr, % of "
                         "ceiling, fixation breaks, premature responses, time to 95 % of the ceiling, "
-                        "env steps, wall time, git commit, the full config) and learning_curves.png "
-                        "(mean over seeds with a min-max band). Run the same command again to resume "
+                        "env steps, wall time, git commit, the full config; the battery at the "
+                        "defaults with MPN and GRU side by side, then every variant) and "
+                        "learning_curves.png (runs at the defaults; learning_curves_variants.png the "
+                        "others: mean over seeds with a min-max band). Run the same command again to resume "
                         "a sweep whose driver was stopped or killed: finished trials are kept, "
                         "interrupted ones continue from their newest checkpoint. On a multi-node "
                         "cluster --sweeps-dir must be a path every node shares. Example: "
@@ -183,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--results-dir", default=None,
                     help="where results.json/.md and learning_curves.png go (default: the sweep's "
                          "directory); rows are merged into an existing results.json there, a row "
-                         "replacing one of the same task, dt, core, seed and variant")
+                         "replacing one of the same task, dt, core, seed and variant (the options in "
+                         "which its config differs from the defaults)")
     sw.add_argument("--title", default="Results", help="title of results.md (default: Results)")
     sw.add_argument("--dry-run", action="store_true",
                     help="print the trials and the resources each asks for, and exit")
@@ -199,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(pl, "experiment to plot")
 
     rs = sub.add_parser("results", allow_abbrev=False, help="rebuild results.md and the curves from results.json",
-                        description="Regenerate <results-dir>/results.md and learning_curves.png from the "
-                        "rows in <results-dir>/results.json (written by sweep), with % of ceiling against "
-                        "the ceilings as `ceiling` measures them now.")
+                        description="Regenerate <results-dir>/results.md, learning_curves.png and "
+                        "learning_curves_variants.png from the rows in <results-dir>/results.json "
+                        "(written by sweep), with % of ceiling against the ceilings as `ceiling` "
+                        "measures them now and each row's variant against today's defaults: the "
+                        "options in which its stored config differs from them (`defaults`: none).")
     rs.add_argument("--results-dir", default="docs", help="(default: docs)")
     rs.add_argument("--title", default="Results", help="title of results.md (default: Results)")
 

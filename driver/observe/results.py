@@ -8,9 +8,14 @@ task's ceiling, the best trivial policy, fixation breaks and premature responses
 and env steps to 95 % of the ceiling (first metrics record whose training-trial accuracy
 reaches it), env steps, wall time, the git commit, the full config and the learning curve.
 
-``results.json`` holds rows; ``write_report`` merges new rows into it (a row replaces an older
-one of the same task, dt, core, seed and variant) and writes ``results.md`` and
-``learning_curves.png`` (mean over seeds with a min-max band) from everything it holds.
+A row's variant is computed from its stored config against the defaults of the code that
+writes the report (:func:`variant_of`): a run made before a default changed reads as the
+options it differs in today, and one whose options equal today's defaults reads ``defaults``
+whatever it was called when it ran.  ``results.json`` holds rows; ``write_report`` merges new
+rows into it (a row replaces an older one of the same task, dt, core, seed and variant) and
+writes ``results.md`` (the battery at the defaults with the MPN and GRU side by side, then every
+task, core and variant in detail) and ``learning_curves.png`` (mean over seeds with a min-max
+band) from everything it holds.
 """
 from __future__ import annotations
 
@@ -25,6 +30,68 @@ from pathlib import Path
 
 ROW_KEY = ("task", "dt", "core", "seed", "variant")
 PCT_GOAL = 95.0
+CURVE_POINTS = 200          # a stored learning curve keeps about this many points
+
+# Options that change neither what a run learns nor how it is scored: where it runs and writes,
+# and how often it reports (the task, dt, core and seed are columns of their own).
+_NOT_A_VARIANT = {"env_name", "dt", "core", "seed", "experiment_name", "experiments_dir",
+                  "overwrite", "print_freq", "record_seconds", "checkpoint_freq",
+                  "checkpoint_minutes", "plot_training", "address", "staleness_every"}
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {'none' if value is None else value}"
+
+
+def variant_of(row: dict) -> str:
+    """The options of the row's run that differ from today's defaults, as ``train-neurogym``
+    flags in the schema's order (a dt other than the task's own first), or ``defaults``.  A
+    key the run's config lacks (the option did not exist yet) counts as what the run did
+    (``common.config.ABSENT_KEY_VALUES``, else today's default); ``--num-actors`` counts
+    against the default of the machine the row ran on.  Rows without a config keep their
+    ``variant``."""
+    cfg = row.get("config")
+    if not isinstance(cfg, dict):
+        return row.get("variant", "defaults")
+    from dataclasses import fields
+    from mpn_dqn.common.config import ABSENT_KEY_VALUES, TrainConfig
+    from mpn_dqn.common.tasks import TaskError, UnknownTaskError, native_dt
+    parts = []
+    try:
+        if cfg.get("dt") != native_dt(cfg["env_name"]):
+            parts.append(_flag("dt", cfg.get("dt")))
+    except (KeyError, TaskError, UnknownTaskError):
+        pass
+    for f in fields(TrainConfig):
+        if f.name in _NOT_A_VARIANT:
+            continue
+        value = cfg.get(f.name, ABSENT_KEY_VALUES.get(f.name, f.default))
+        default = f.default
+        if f.name == "num_actors":                 # the default is one per CPU left after the learner
+            cpus = (row.get("machine") or {}).get("cpus")
+            default = max(1, cpus - 1) if cpus else (value if value else 1)
+        if value != default:
+            parts.append(_flag(f.name, value))
+    return " ".join(parts) or "defaults"
+
+
+def thin_curve(curve: list, n: int = CURVE_POINTS) -> list:
+    """About ``n`` evenly spaced points of ``curve`` ([wall_time, env_steps, accuracy] rows),
+    plus every point that raises the best accuracy so far, so the first time the curve reaches
+    any accuracy (time to 95 % of any ceiling) is the same as on the whole curve."""
+    if len(curve) <= n:
+        return list(curve)
+    step = (len(curve) - 1) / (n - 1)
+    keep = {round(i * step) for i in range(n)}
+    best = -math.inf
+    for i, p in enumerate(curve):
+        if p[2] is not None and p[2] > best:
+            best = p[2]
+            keep.add(i)
+    return [curve[i] for i in sorted(keep)]
 
 
 def git_commit(root: str | os.PathLike | None = None) -> str:
@@ -96,8 +163,8 @@ def row_from_experiment(exp_dir: str | os.PathLike, *, variant: str = "defaults"
     from mpn_dqn.driver.experiment import read_jsonl
     records = read_jsonl(exp_dir / "metrics.jsonl")
     row.update(time_to_pct(records, row["ceiling"] if row["pct_ceiling"] is not None else None))
-    row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in records
-                    if r.get("accuracy") is not None]
+    row["curve"] = thin_curve([[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")]
+                               for r in records if r.get("accuracy") is not None])
     return row
 
 
@@ -114,10 +181,12 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every row of ``new`` replacing the row of the same key (or appended)."""
-    index = {tuple(r.get(k) for k in ROW_KEY): i for i, r in enumerate(old)}
-    out = list(old)
-    for r in new:
+    """``old`` then ``new``, each row relabelled with its variant against today's defaults and
+    replacing an earlier row of the same key (task, dt, core, seed, variant) in place."""
+    index: dict[tuple, int] = {}
+    out: list[dict] = []
+    for r in [*old, *new]:
+        r = dict(r, variant=variant_of(r))
         k = tuple(r.get(k) for k in ROW_KEY)
         if k in index:
             out[index[k]] = r
@@ -184,14 +253,16 @@ def summarize(rows: list[dict], ceilings: dict | None = None) -> list[dict]:
 def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = (),
              ceilings: dict | None = None) -> str:
     lines = [f"# {title}", ""]
-    lines += ["Each row is one task, core and variant (options beyond the defaults) over the seeds "
-              "listed. Accuracy is that of the model each run hands over (`selected_model.pt`) on "
+    lines += ["Accuracy is that of the model each run hands over (`selected_model.pt`) on "
               f"{_eval_trials(rows)} greedy test trials, mean ± standard deviation over seeds; % of "
               "ceiling is against the ideal observer where one is known, else the ground-truth "
               "oracle (`python main.py ceiling`, as it measures the task now), and reads \"not learnable "
-              "as registered\" where the ceiling does not beat the best trivial policy. Time to 95 % is the median over the seeds that reached it of the wall "
-              "time at which the training-trial accuracy (with exploration) first reached 95 % of the "
-              "ceiling. Fixation breaks and premature responses are fractions of test trials.", ""]
+              "as registered\" where the ceiling does not beat the best trivial policy. A run's variant "
+              "is the options in which it differs from today's defaults (`defaults`: none), whatever "
+              "the defaults were when it ran; the commit column says which code ran. Time to 95 % is "
+              "the median over the seeds that reached it of the wall time at which the training-trial "
+              "accuracy (with exploration) first reached 95 % of the ceiling. Fixation breaks and "
+              "premature responses are fractions of test trials.", ""]
     if commands:
         lines += ["Produced by:", ""] + [f"    {c}" for c in commands] + [""]
     machines = sorted({(m.get("cpus"), m.get("cpu"), m.get("gpu")) for m in
@@ -200,22 +271,87 @@ def markdown(rows: list[dict], *, title: str = "Results", commands: list[str] = 
         lines += ["Measured on: " + "; ".join(f"{c} CPUs ({name})" + (f", GPU {g}" if g else ", no GPU")
                                               for c, name, g in machines) + " (each row's `machine` "
                   "in results.json).", ""]
-    lines += ["| task | dt | core | variant | seeds | accuracy | % of ceiling (mean, min) | ceiling | "
-              "best trivial | fix breaks | premature | time to 95 % (s) | env steps | wall (s) | commit |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summarize(rows, ceilings):
+    summary = summarize(rows, ceilings)
+    defaults = [s for s in summary if s["variant"] == "defaults"]
+    lines += _battery(defaults, ceilings or {})
+    lines += ["## At the defaults, every core", ""] + _detail(defaults) + [""]
+    others = [s for s in summary if s["variant"] != "defaults"]
+    if others:
+        lines += ["## Other variants", "", "Screens and ablations: each run's options beyond today's "
+                  "defaults.", ""] + _detail(others)
+    return "\n".join(lines) + "\n"
+
+
+def _acc_cell(s: dict | None) -> str:
+    if s is None:
+        return "not run"
+    if s["accuracy"] is None:
+        return f"failed ({s['failed']})"
+    sd = f" ± {s['accuracy_sd']:.3f}" if s["accuracy_sd"] is not None else ""
+    return f"{s['accuracy']:.3f}{sd} ({len(s['seeds'])})"
+
+
+def _pct_cell(s: dict | None) -> str:
+    if s is None or s["accuracy"] is None:
+        return "-"
+    if not s["learnable"]:
+        return "not learnable as registered"
+    return "-" if s["pct_ceiling"] is None else f"{s['pct_ceiling']:.1f} %, {s['pct_ceiling_min']:.1f} %"
+
+
+def _battery(defaults: list[dict], ceilings: dict) -> list[str]:
+    """One line per battery task (and any other task run at the defaults): MPN and GRU side by side."""
+    from mpn_dqn.common.tasks import BATTERY
+    by = {(s["task"], s["core"]): s for s in defaults}
+    tasks = list(BATTERY) + sorted({s["task"] for s in defaults} - set(BATTERY))
+    lines = ["## The battery at the defaults", "",
+             "| task | dt | ceiling | best trivial | MPN accuracy (seeds) | MPN % of ceiling (mean, min) | "
+             "MPN fix breaks | MPN premature | MPN time to 95 % (s) | GRU accuracy (seeds) | "
+             "GRU % of ceiling (mean, min) | commits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    tally = {c: [0, 0, 0] for c in ("mpn", "gru")}      # learnable tasks run, at >= 95 % on every seed, of those 3+ seeds
+    for task in tasks:
+        mpn, gru = by.get((task, "mpn")), by.get((task, "gru"))
+        run = [s for s in (mpn, gru) if s is not None]
+        dt = run[0]["dt"] if run else None
+        ceil = next((c for (t, d), c in ceilings.items() if t == task and d == dt), None)
+        ceiling = ceil["ceiling"] if ceil else (run[0]["ceiling"] if run else None)
+        trivial = ceil["best_trivial"]["accuracy"] if ceil else (run[0]["best_trivial"] if run else None)
+        for core, s in (("mpn", mpn), ("gru", gru)):
+            if s is not None and s["accuracy"] is not None and s["learnable"] and s["pct_ceiling_min"] is not None:
+                tally[core][0] += 1
+                if s["pct_ceiling_min"] >= PCT_GOAL:
+                    tally[core][1] += 1
+                    tally[core][2] += len(s["seeds"]) >= 3
+        t95 = ("-" if mpn is None else f"{mpn['time_to_95_s']:.0f} ({mpn['reached_95']}/{len(mpn['seeds'])})"
+               if mpn["time_to_95_s"] is not None else f"- (0/{len(mpn['seeds'])})")
+        commits = " ".join(sorted({c for s in run for c in s["commits"]}))
+        lines.append(f"| {task.removesuffix('-v0')} | {dt or '-'} | {_fmt(ceiling)} | {_fmt(trivial)} | "
+                     f"{_acc_cell(mpn)} | {_pct_cell(mpn)} | {_fmt(mpn and mpn['fix_break_rate'], '.2f')} | "
+                     f"{_fmt(mpn and mpn['premature_rate'], '.2f')} | {t95} | {_acc_cell(gru)} | "
+                     f"{_pct_cell(gru)} | {commits or '-'} |")
+    said = "; ".join(f"{core.upper()} at ≥ {PCT_GOAL:.0f} % of the ceiling on every seed on {n95} of the "
+                     f"{n} learnable tasks it ran ({n3} of them with 3 or more seeds)" if n else
+                     f"{core.upper()}: no learnable task run at the defaults"
+                     for core, (n, n95, n3) in tally.items())
+    return lines + ["", said + ".", ""]
+
+
+def _detail(summary: list[dict]) -> list[str]:
+    lines = ["| task | dt | core | variant | seeds | accuracy | % of ceiling (mean, min) | ceiling | "
+             "best trivial | fix breaks | premature | time to 95 % (s) | env steps | wall (s) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
         acc = "failed" if s["accuracy"] is None else (
             _fmt(s["accuracy"]) + (f" ± {s['accuracy_sd']:.3f}" if s["accuracy_sd"] is not None else ""))
-        pct = ("not learnable as registered" if not s["learnable"] else
-               "-" if s["pct_ceiling"] is None else f"{s['pct_ceiling']:.1f} %, {s['pct_ceiling_min']:.1f} %")
         t95 = (f"{s['time_to_95_s']:.0f} ({s['reached_95']}/{len(s['seeds'])})"
                if s["time_to_95_s"] is not None else f"- (0/{len(s['seeds'])})")
         seeds = " ".join(map(str, s["seeds"])) + (f" (+{s['failed']} failed)" if s["failed"] else "")
         lines.append(f"| {s['task'].removesuffix('-v0')} | {s['dt']} | {s['core']} | {s['variant']} | {seeds} | "
-                     f"{acc} | {pct} | {_fmt(s['ceiling'])} | {_fmt(s['best_trivial'])} | "
-                     f"{_fmt(s['fix_break_rate'], '.2f')} | {_fmt(s['premature_rate'], '.2f')} | {t95} | "
-                     f"{_fmt(s['env_steps'], '.3g')} | {_fmt(s['wall_s'], '.0f')} | {' '.join(s['commits'])} |")
-    return "\n".join(lines) + "\n"
+                     f"{acc} | {_pct_cell(s) if s['accuracy'] is not None else '-'} | {_fmt(s['ceiling'])} | "
+                     f"{_fmt(s['best_trivial'])} | {_fmt(s['fix_break_rate'], '.2f')} | "
+                     f"{_fmt(s['premature_rate'], '.2f')} | {t95} | {_fmt(s['env_steps'], '.3g')} | "
+                     f"{_fmt(s['wall_s'], '.0f')} | {' '.join(s['commits'])} |")
+    return lines
 
 
 def _eval_trials(rows: list[dict]) -> str:
@@ -239,8 +375,8 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, ceilings: dict | None
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
     for ax, (task, dt) in zip(axes.flat, tasks):
         sel = [r for r in ok if (r["task"], r["dt"]) == (task, dt)]
-        for label in sorted({(r["core"], r.get("grid", r["variant"])) for r in sel}):
-            rs = [r for r in sel if (r["core"], r.get("grid", r["variant"])) == label]
+        for label in sorted({(r["core"], r["variant"]) for r in sel}):
+            rs = [r for r in sel if (r["core"], r["variant"]) == label]
             grid = np.linspace(min(r["curve"][0][0] for r in rs), max(r["curve"][-1][0] for r in rs), 100)
             ys = np.array([np.interp(grid, [p[0] for p in r["curve"]], [p[2] for p in r["curve"]],
                                      left=np.nan, right=np.nan) for r in rs])   # each seed over its span
@@ -286,12 +422,19 @@ def write_report(results_dir: str | os.PathLike, new_rows: list[dict], *, title:
     commands = json.loads(path.read_text()).get("commands", []) if path.exists() else []
     if command and command not in commands:
         commands.append(command)
-    rows = merge_rows(old, new_rows)
+    rows = [dict(r, curve=thin_curve(r["curve"])) if r.get("curve") else r for r in merge_rows(old, new_rows)]
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, path)
     ceilings = current_ceilings(rows)
     (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands, ceilings=ceilings))
-    plot = plot_curves(rows, results_dir / "learning_curves.png", ceilings)
+    plot = plot_curves([r for r in rows if r["variant"] == "defaults"], results_dir / "learning_curves.png",
+                       ceilings)
+    variants = [r for r in rows if r["variant"] != "defaults"]
+    plot_variants = plot_curves(variants, results_dir / "learning_curves_variants.png", ceilings)
+    for made, name in ((plot, "learning_curves.png"), (plot_variants, "learning_curves_variants.png")):
+        if made is None:                           # no such rows: no picture of older ones
+            (results_dir / name).unlink(missing_ok=True)
     return {"results_json": str(path), "results_md": str(results_dir / "results.md"),
-            "plot": str(plot) if plot else None, "rows": len(rows)}
+            "plot": str(plot) if plot else None,
+            "plot_variants": str(plot_variants) if plot_variants else None, "rows": len(rows)}
