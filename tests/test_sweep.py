@@ -164,6 +164,38 @@ def test_the_battery_table_puts_mpn_and_gru_side_by_side_and_lists_tasks_not_run
     assert "| GoNogo | 100 | mpn | --buffer-size 500 | 0 | 0.200 |" in md.split("## Other variants")[1]
 
 
+def test_skip_existing_leaves_out_the_trials_with_a_finished_row_and_needs_a_results_dir(tmp_path, capsys):
+    from mpn_dqn.driver.experiment import machine
+    kw = dict(name="p", tasks=[PDM, "GoNogo-v0"], seeds=[0, 1], sweeps_dir=str(tmp_path / "sw"),
+              results_dir=str(tmp_path / "res"))
+    full = SweepSpec(**kw)
+    done = full.config_of(full.trials[0])
+    row = {"task": done.env_name, "dt": done.dt, "core": done.core, "seed": done.seed, "status": "ok",
+           "config": done.to_dict(), "machine": machine()}
+    failed = dict(row, seed=1, status="no summary.json (the run did not finish)", config=dict(row["config"], seed=1))
+    other = dict(row, task="GoNogo-v0", config=dict(row["config"], env_name="GoNogo-v0", buffer_size=500))
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "results.json").write_text(json.dumps({"rows": [row, failed, other]}))
+    part = SweepSpec(**kw, skip_existing=True)
+    assert part.skipped == full.trials[:1] and part.trials == full.trials[1:]
+    assert part.identity() == full.identity()          # the same command resumes the same sweep
+    assert main(["sweep", "--env-name", PDM, "GoNogo-v0", "--seeds", "0", "1", "--sweeps-dir",
+                 str(tmp_path / "sw"), "--sweep-name", "p", "--results-dir", str(tmp_path / "res"),
+                 "--skip-existing", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "leaving out 1 trials" in out and "3 trials;" in out and "PerceptualDecisionMaking-mpn-s0:" not in out
+    assert main(["sweep", "--env-name", PDM, "--sweeps-dir", str(tmp_path / "sw"), "--skip-existing",
+                 "--dry-run"]) == 2
+    assert "--skip-existing needs --results-dir" in capsys.readouterr().err
+    every = [dict(row, task=c.env_name, dt=c.dt, seed=c.seed, config=c.to_dict())
+             for c in map(full.config_of, full.trials)]
+    (tmp_path / "res" / "results.json").write_text(json.dumps({"rows": every}))
+    assert main(["sweep", "--env-name", PDM, "GoNogo-v0", "--seeds", "0", "1", "--sweeps-dir",
+                 str(tmp_path / "sw"), "--sweep-name", "p", "--results-dir", str(tmp_path / "res"),
+                 "--skip-existing"]) == 0                # nothing left: no Ray, nothing written
+    assert "nothing left to run" in capsys.readouterr().out and not (tmp_path / "sw").exists()
+
+
 def test_time_to_95_is_the_first_record_at_95_percent_of_the_ceiling():
     recs = [{"wall_time": t, "env_steps": 10 * t, "accuracy": a} for t, a in ((1, 0.5), (2, 0.93), (3, 0.96))]
     assert time_to_pct(recs, 1.0) == {"time_to_95_s": 3, "env_steps_to_95": 30}

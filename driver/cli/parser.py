@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "replacing one of the same task, dt, core, seed and variant (the options in "
                          "which its config differs from the defaults)")
     sw.add_argument("--title", default="Results", help="title of results.md (default: Results)")
+    sw.add_argument("--skip-existing", action="store_true",
+                    help="leave out every trial whose task, dt, core, seed and variant already has a "
+                         "row with an evaluation in --results-dir's results.json (needs --results-dir), "
+                         "so a large grid can be run in parts: the same command again, in another "
+                         "sweep directory, runs only what is missing")
     sw.add_argument("--dry-run", action="store_true",
                     help="print the trials and the resources each asks for, and exit")
     sw.add_argument("train_options", nargs="*", metavar="-- TRAIN-OPTION",
@@ -389,8 +394,11 @@ def cmd_sweep(ns) -> int:
                          tasks=list(BATTERY) if ns.battery else ns.env_name, seeds=ns.seeds,
                          cores=ns.cores, grid=grid, train_args=ns.train_options,
                          sweeps_dir=ns.sweeps_dir, address=ns.address,
-                         max_concurrent=ns.max_concurrent, results_dir=ns.results_dir, title=ns.title)
+                         max_concurrent=ns.max_concurrent, results_dir=ns.results_dir, title=ns.title,
+                         skip_existing=ns.skip_existing)
         if ns.dry_run:
+            if spec.skipped:
+                print(f"leaving out {len(spec.skipped)} trials with a finished row in {spec.report_dir}")
             for t in spec.trials:
                 cfg = spec.config_of(t)
                 cpus = sum(b.get("CPU", 0) for b in trial_bundles(cfg))

@@ -123,6 +123,7 @@ class SweepSpec:
     max_concurrent: int | None = None
     results_dir: str | None = None
     title: str = "Results"
+    skip_existing: bool = False
 
     def __post_init__(self):
         try:
@@ -168,6 +169,30 @@ class SweepSpec:
         self._trials = list(self._expand())
         # every trial's options parse and validate; "auto" actors resolved as on this machine
         self._configs = {t: t.config(str(self.experiments_dir)) for t in self._trials}
+        self.skipped: list[Trial] = []
+        if self.skip_existing:
+            if not self.results_dir:
+                raise SweepError("--skip-existing needs --results-dir: the results.json whose "
+                                 "finished rows the sweep leaves out")
+            from mpn_dqn.driver.experiment import machine
+            from mpn_dqn.driver.observe.results import variant_of
+            done, here = self._finished_rows(), machine()
+            for t in self._trials:
+                cfg = self._configs[t]
+                if (cfg.env_name, cfg.dt, cfg.core, cfg.seed,
+                        variant_of({"config": cfg.to_dict(), "machine": here})) in done:
+                    self.skipped.append(t)
+            self._trials = [t for t in self._trials if t not in self.skipped]
+
+    def _finished_rows(self) -> set[tuple]:
+        """(task, dt, core, seed, variant) of every row of --results-dir with an evaluation."""
+        from mpn_dqn.driver.observe.results import load_rows, variant_of
+        try:
+            rows = load_rows(Path(self.results_dir) / "results.json")
+        except (OSError, ValueError) as exc:
+            raise SweepError(f"--results-dir: {exc}; choose another directory") from exc
+        return {(r.get("task"), r.get("dt"), r.get("core"), r.get("seed"), variant_of(r))
+                for r in rows if r.get("status") == "ok"}
 
     def config_of(self, trial: Trial) -> TrainConfig:
         return self._configs[trial]
@@ -212,7 +237,7 @@ class SweepSpec:
     def identity(self) -> dict:
         """What makes two invocations the same sweep (so that the second resumes the first)."""
         return {"tasks": self.tasks, "seeds": self.seeds, "cores": self.cores, "grid": self.grid,
-                "train_args": self.train_args}
+                "train_args": self.train_args}       # the whole grid: --skip-existing may drop more later
 
 
 # -- resources -------------------------------------------------------------------------------------
@@ -420,8 +445,14 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
     from mpn_dqn.common.ceiling import ceiling_for
     from mpn_dqn.driver.runtime.ray_cluster import init_ray, shutdown_after
     from mpn_dqn.driver.observe.results import git_commit, write_report
-    prepare(spec)
     trials = spec.trials
+    if spec.skipped:
+        log(f"Sweep {spec.name}: leaving out {len(spec.skipped)} trials that have a finished row in "
+            f"{spec.report_dir / 'results.json'} (--skip-existing)")
+    if not trials:
+        log(f"Sweep {spec.name}: nothing left to run")
+        return {"trials": 0, "ok": 0, "sweep_dir": str(spec.dir), "results_md": None}
+    prepare(spec)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")    # Tune's console tables off: one line per trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # the embedded Ray gets this machine's CPUs, no more: trials that do not fit are refused
@@ -455,8 +486,10 @@ def run_sweep(spec: SweepSpec, *, log=print, command: str | None = None) -> dict
         trainable = tune.with_resources(run_trial, _trial_resources)
         tune_dir = spec.dir / "tune"
         finished = sum(_finished(spec.experiments_dir / t.experiment_name) for t in trials)
-        log(f"Sweep {spec.name}: {len(trials)} trials ({len(spec.tasks)} tasks x {len(spec.cores)} cores "
-            f"x {len(trials) // max(1, len(spec.tasks) * len(spec.cores) * len(spec.seeds))} variants "
+        grid = len(trials) + len(spec.skipped)
+        log(f"Sweep {spec.name}: {len(trials)} trials" + (f" of {grid}" if spec.skipped else "")
+            + f" ({len(spec.tasks)} tasks x {len(spec.cores)} cores "
+            f"x {grid // max(1, len(spec.tasks) * len(spec.cores) * len(spec.seeds))} variants "
             f"x {len(spec.seeds)} seeds) on {cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
             + f"; directory {spec.dir}")
         if resuming and tune.Tuner.can_restore(str(tune_dir)):
