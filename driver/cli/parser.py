@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ceiling, fixation breaks, premature responses, time to 95 % of the ceiling, "
                         "env steps, wall time, git commit, the full config; the battery at the "
                         "defaults with MPN and GRU side by side, then every variant) and "
-                        "learning_curves.png (runs at the defaults; learning_curves_variants.png the "
-                        "others: mean over seeds with a min-max band). Run the same command again to resume "
+                        "learning_curves.png (each core and variant, the defaults drawn boldly: mean "
+                        "over seeds with a min-max band). Run the same command again to resume "
                         "a sweep whose driver was stopped or killed: finished trials are kept, "
                         "interrupted ones continue from their newest checkpoint. On a multi-node "
                         "cluster --sweeps-dir must be a path every node shares. Example: "
@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(pl, "experiment to plot")
 
     rs = sub.add_parser("results", allow_abbrev=False, help="rebuild results.md and the curves from results.json",
-                        description="Regenerate <results-dir>/results.md, learning_curves.png and "
-                        "learning_curves_variants.png from the rows in <results-dir>/results.json "
+                        description="Regenerate <results-dir>/results.md and learning_curves.png "
+                        "from the rows in <results-dir>/results.json "
                         "(written by sweep), with % of ceiling against the ceilings as `ceiling` "
                         "measures them now and each row's variant against today's defaults: the "
                         "options in which its stored config differs from them (`defaults`: none).")

@@ -14,8 +14,8 @@ options it differs in today, and one whose options equal today's defaults reads 
 whatever it was called when it ran.  ``results.json`` holds rows; ``write_report`` merges new
 rows into it (a row replaces an older one of the same task, dt, core, seed and variant) and
 writes ``results.md`` (the battery at the defaults with the MPN and GRU side by side, then every
-task, core and variant in detail) and ``learning_curves.png`` (mean over seeds with a min-max
-band) from everything it holds.
+task, core and variant in detail) and ``learning_curves.png`` (per task, each core and variant:
+mean over seeds with a min-max band, the defaults drawn boldly) from everything it holds.
 """
 from __future__ import annotations
 
@@ -375,7 +375,8 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, ceilings: dict | None
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
     for ax, (task, dt) in zip(axes.flat, tasks):
         sel = [r for r in ok if (r["task"], r["dt"]) == (task, dt)]
-        for label in sorted({(r["core"], r["variant"]) for r in sel}):
+        # the defaults first and drawn boldly; every variant of the task thin beside them
+        for label in sorted({(r["core"], r["variant"]) for r in sel}, key=lambda cv: (cv[1] != "defaults", cv)):
             rs = [r for r in sel if (r["core"], r["variant"]) == label]
             grid = np.linspace(min(r["curve"][0][0] for r in rs), max(r["curve"][-1][0] for r in rs), 100)
             ys = np.array([np.interp(grid, [p[0] for p in r["curve"]], [p[2] for p in r["curve"]],
@@ -384,7 +385,9 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, ceilings: dict | None
                 warnings.simplefilter("ignore")     # points no seed covers stay empty
                 mean, lo, hi = np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
             name = label[0] + ("" if label[1] in ("defaults", "") else f" {label[1]}") + f" (n={len(rs)})"
-            line, = ax.plot(grid, mean, lw=1.2, label=name)
+            default = label[1] == "defaults"
+            line, = ax.plot(grid, mean, lw=1.6 if default else 0.8, alpha=1.0 if default else 0.7,
+                            label=name if len(name) <= 60 else name[:57] + "...")
             if len(rs) > 1:
                 ax.fill_between(grid, lo, hi, alpha=0.2,
                                 color=line.get_color())
@@ -428,13 +431,6 @@ def write_report(results_dir: str | os.PathLike, new_rows: list[dict], *, title:
     os.replace(tmp, path)
     ceilings = current_ceilings(rows)
     (results_dir / "results.md").write_text(markdown(rows, title=title, commands=commands, ceilings=ceilings))
-    plot = plot_curves([r for r in rows if r["variant"] == "defaults"], results_dir / "learning_curves.png",
-                       ceilings)
-    variants = [r for r in rows if r["variant"] != "defaults"]
-    plot_variants = plot_curves(variants, results_dir / "learning_curves_variants.png", ceilings)
-    for made, name in ((plot, "learning_curves.png"), (plot_variants, "learning_curves_variants.png")):
-        if made is None:                           # no such rows: no picture of older ones
-            (results_dir / name).unlink(missing_ok=True)
+    plot = plot_curves(rows, results_dir / "learning_curves.png", ceilings)
     return {"results_json": str(path), "results_md": str(results_dir / "results.md"),
-            "plot": str(plot) if plot else None,
-            "plot_variants": str(plot_variants) if plot_variants else None, "rows": len(rows)}
+            "plot": str(plot) if plot else None, "rows": len(rows)}
