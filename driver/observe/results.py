@@ -81,17 +81,17 @@ def variant_of(row: dict) -> str:
 def thin_curve(curve: list, n: int = CURVE_POINTS) -> list:
     """About ``n`` evenly spaced points of ``curve`` ([wall_time, env_steps, accuracy] rows),
     plus every point that raises the best accuracy so far, so the first time the curve reaches
-    any accuracy (time to 95 % of any ceiling) is the same as on the whole curve."""
-    if len(curve) <= n:
-        return list(curve)
-    step = (len(curve) - 1) / (n - 1)
-    keep = {round(i * step) for i in range(n)}
-    best = -math.inf
+    any accuracy (time to 95 % of any ceiling) is the same as on the whole curve.  A curve
+    already thinned comes back as it is."""
+    best, records = -math.inf, []
     for i, p in enumerate(curve):
         if p[2] is not None and p[2] > best:
             best = p[2]
-            keep.add(i)
-    return [curve[i] for i in sorted(keep)]
+            records.append(i)
+    if len(curve) <= n + len(records):
+        return list(curve)
+    step = (len(curve) - 1) / (n - 1)
+    return [curve[i] for i in sorted({round(i * step) for i in range(n)} | set(records))]
 
 
 def git_commit(root: str | os.PathLike | None = None) -> str:
@@ -163,8 +163,8 @@ def row_from_experiment(exp_dir: str | os.PathLike, *, variant: str = "defaults"
     from mpn_dqn.driver.experiment import read_jsonl
     records = read_jsonl(exp_dir / "metrics.jsonl")
     row.update(time_to_pct(records, row["ceiling"] if row["pct_ceiling"] is not None else None))
-    row["curve"] = thin_curve([[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")]
-                               for r in records if r.get("accuracy") is not None])
+    row["curve"] = [[r.get("wall_time"), r.get("env_steps"), r.get("accuracy")] for r in records
+                    if r.get("accuracy") is not None]           # thinned where results.json is written
     return row
 
 
@@ -313,7 +313,7 @@ def _battery(defaults: list[dict], ceilings: dict) -> list[str]:
         mpn, gru = by.get((task, "mpn")), by.get((task, "gru"))
         run = [s for s in (mpn, gru) if s is not None]
         dt = run[0]["dt"] if run else None
-        ceil = next((c for (t, d), c in ceilings.items() if t == task and d == dt), None)
+        ceil = ceilings.get((task, dt))
         ceiling = ceil["ceiling"] if ceil else (run[0]["ceiling"] if run else None)
         trivial = ceil["best_trivial"]["accuracy"] if ceil else (run[0]["best_trivial"] if run else None)
         for core, s in (("mpn", mpn), ("gru", gru)):
@@ -347,7 +347,7 @@ def _detail(summary: list[dict]) -> list[str]:
                if s["time_to_95_s"] is not None else f"- (0/{len(s['seeds'])})")
         seeds = " ".join(map(str, s["seeds"])) + (f" (+{s['failed']} failed)" if s["failed"] else "")
         lines.append(f"| {s['task'].removesuffix('-v0')} | {s['dt']} | {s['core']} | {s['variant']} | {seeds} | "
-                     f"{acc} | {_pct_cell(s) if s['accuracy'] is not None else '-'} | {_fmt(s['ceiling'])} | "
+                     f"{acc} | {_pct_cell(s)} | {_fmt(s['ceiling'])} | "
                      f"{_fmt(s['best_trivial'])} | {_fmt(s['fix_break_rate'], '.2f')} | "
                      f"{_fmt(s['premature_rate'], '.2f')} | {t95} | {_fmt(s['env_steps'], '.3g')} | "
                      f"{_fmt(s['wall_s'], '.0f')} | {' '.join(s['commits'])} |")
